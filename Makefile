@@ -1,0 +1,41 @@
+# Set-up and day-to-day commands. Everything a test needs is installed here, idempotently.
+# torch is pinned on purpose: an unpinned torch pulls a multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+TORCH   = torch==2.13.0
+
+.PHONY: serve test lint format system-deps venv dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# The server on its embedded defaults: 127.0.0.1:8998, durable state in ./prefill-bootstrap-state.
+serve: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[server]'
+	$(BIN)/prefill-bootstrap serve
+
+# Everything the test suite needs: system tools, torch (CPU, pinned), the package with all extras.
+dev: $(BIN)/python system-deps
+	$(BIN)/pip install --quiet '$(TORCH)'
+	$(BIN)/pip install --quiet -e '.[server,torch,dev]'
+
+system-deps:
+	bash scripts/install-system-deps.sh
+
+lint: dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# The whole suite: lint, unit, API, real servers, multi-process torch.distributed, multi-host.
+test: lint
+	$(BIN)/pytest
+
+format: $(BIN)/python
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,98 @@
+"""The ``prefill-bootstrap`` command: ``serve`` for the leader, rank-side tools for everyone.
+
+Exit codes: 0 success, 1 a bootstrap failure (the one-line reason on stderr), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from prefill_bootstrap.client.errors import BootstrapError
+
+from prefill_bootstrap import __version__
+
+__all__ = ["build_parser", "main"]
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _add_serve(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="run the bootstrap server (the leader's sidecar)",
+        description="Run the bootstrap server. Every flag also reads PREFILL_BOOTSTRAP_<NAME>.",
+    )
+    serve.add_argument("--host", help="listen address (default 127.0.0.1; '::' for IPv6)")
+    serve.add_argument("--port", type=int, help="listen port (default 8998; 0 picks one)")
+    serve.add_argument(
+        "--state-dir",
+        type=str,
+        help="directory of the durable SQLite state (default ./prefill-bootstrap-state; "
+        "'' keeps state in memory only)",
+    )
+    serve.add_argument(
+        "--reset", action="store_true", default=None, help="discard stored state, new group"
+    )
+    serve.add_argument("--room-ttl-seconds", type=float, help="room entry lifetime (120)")
+    serve.add_argument("--room-capacity", type=int, help="most room entries kept (200000)")
+    serve.add_argument("--max-body-bytes", type=int, help="request body cap (1048576)")
+    serve.add_argument("--max-wait-seconds", type=float, help="cap for ?wait= long polls (300)")
+    serve.add_argument("--backlog", type=int, help="listen backlog (4096)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--access-log", action="store_true", default=None, help="log every request")
+    serve.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    try:
+        from prefill_bootstrap.service.server import serve
+        from prefill_bootstrap.service.settings import ServerSettings
+    except ImportError as exc:
+        raise BootstrapError(
+            f"the server needs the [server] extra ({exc.name} is missing): "
+            "pip install 'prefill-bootstrap[server]'"
+        ) from exc
+    fields = (
+        "host", "port", "state_dir", "reset", "room_ttl_seconds", "room_capacity",
+        "max_body_bytes", "max_wait_seconds", "backlog", "log_level", "access_log",
+    )  # fmt: skip
+    overrides = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
+    if isinstance(overrides.get("state_dir"), str) and overrides["state_dir"]:
+        overrides["state_dir"] = Path(overrides["state_dir"])
+    try:
+        settings = ServerSettings(**overrides)
+    except ValueError as exc:
+        raise BootstrapError(f"invalid server settings: {exc}") from exc
+    serve(settings)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prefill-bootstrap",
+        description="Bootstrap server and rank tools for multi-node disaggregated prefill.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_serve(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run: Command = args.run
+    try:
+        return run(args)
+    except BootstrapError as exc:
+        print(f"prefill-bootstrap {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The one exception tree of prefill-bootstrap.
+
+Every error carries the data an operator needs and writes its own message: what happened and what
+to do next. The server maps these to HTTP in one place (``service/http_errors.py``); the client
+translates foreign errors (httpx, torch) into them in one place (``client/http.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = [
+    "BootstrapError",
+    "CellNotFound",
+    "ConfigurationError",
+    "DistributedNotInitialized",
+    "PortInUse",
+    "RegistrationFailed",
+    "RequestRejected",
+    "ServerUnreachable",
+    "StateStoreError",
+    "TableIncomplete",
+    "TopologyConflict",
+    "format_cell",
+]
+
+Cell = tuple[int, int, int, int]
+
+
+def format_cell(cell: Sequence[int]) -> str:
+    """Render a (dp, cp, tp, pp) cell the way logs and messages name it everywhere."""
+    dp, cp, tp, pp = cell
+    return f"(dp={dp}, cp={cp}, tp={tp}, pp={pp})"
+
+
+def _summarise_cells(cells: Sequence[Sequence[int]], limit: int = 16) -> str:
+    shown = ", ".join(format_cell(cell) for cell in cells[:limit])
+    hidden = len(cells) - limit
+    return shown + (f" and {hidden} more" if hidden > 0 else "")
+
+
+class BootstrapError(Exception):
+    """Root of every error prefill-bootstrap raises on purpose."""
+
+
+class ConfigurationError(BootstrapError):
+    """The caller's settings or arguments cannot work; nothing was attempted."""
+
+
+class DistributedNotInitialized(ConfigurationError):
+    """Multi-node mode needs the leader's port from torch.distributed, which is not set up."""
+
+    def __init__(self, nnodes: int, dist_init_addr: str) -> None:
+        self.nnodes = nnodes
+        self.dist_init_addr = dist_init_addr
+        super().__init__(
+            f"multi-node prefill (nnodes={nnodes}, dist_init_addr={dist_init_addr}) needs the "
+            "leader's bootstrap port, but torch.distributed is not initialised: call "
+            "torch.distributed.init_process_group() before sync_bootstrap_port(); "
+            "the port is never guessed"
+        )
+
+
+class PortInUse(ConfigurationError):
+    """The server could not bind its listening socket."""
+
+    def __init__(self, host: str, port: int, reason: str, flag: str = "--port") -> None:
+        self.host = host
+        self.port = port
+        self.reason = reason
+        super().__init__(
+            f"cannot listen on {host}:{port}: {reason}; another process holds this port or the "
+            f"address is not local — choose another with {flag} (or PREFILL_BOOTSTRAP_PORT)"
+        )
+
+
+class StateStoreError(BootstrapError):
+    """The durable state could not be read or written; the request was not acknowledged."""
+
+
+class TopologyConflict(BootstrapError):
+    """A registration contradicts the topology the group already established."""
+
+    def __init__(self, field: str, established: Any, offered: Any) -> None:
+        self.field = field
+        self.established = established
+        self.offered = offered
+        super().__init__(
+            f"{field}={offered!r} contradicts the established {field}={established!r}; every rank "
+            "of one prefill group must agree — restart the misconfigured rank, or reset the "
+            "server's state if the whole group changed shape"
+        )
+
+
+class CellNotFound(BootstrapError):
+    """No rank registered the requested cell."""
+
+    def __init__(self, cell: Cell) -> None:
+        self.cell = cell
+        super().__init__(f"no rank registered cell {format_cell(cell)}")
+
+
+class TableIncomplete(BootstrapError):
+    """The port table is missing cells when it was required to be complete."""
+
+    def __init__(
+        self,
+        missing: Sequence[Cell],
+        expected: int | None,
+        registered_hosts: Sequence[str] = (),
+        waited_seconds: float | None = None,
+        url: str | None = None,
+    ) -> None:
+        self.missing = [tuple(cell) for cell in missing]
+        self.expected = expected
+        self.registered_hosts = list(registered_hosts)
+        self.waited_seconds = waited_seconds
+        self.url = url
+        where = f" at {url}" if url else ""
+        waited = f" after {waited_seconds:.1f}s" if waited_seconds is not None else ""
+        if expected is None:
+            what = "no rank has registered yet, so the topology is unknown"
+        else:
+            what = (
+                f"{len(self.missing)} of {expected} cells are missing: "
+                f"{_summarise_cells(self.missing)}"
+            )
+        hosts = ", ".join(self.registered_hosts) or "none"
+        super().__init__(
+            f"prefill port table{where} is incomplete{waited}: {what}; hosts that did register: "
+            f"{hosts}. Check that the ranks of the missing cells started and reach the leader's "
+            "bootstrap port (multi-node ranks must call sync_bootstrap_port first)"
+        )
+
+
+class RequestRejected(BootstrapError):
+    """The server answered with a client error (4xx); retrying the same request cannot help."""
+
+    def __init__(self, url: str, status_code: int, message: str, body: Any = None) -> None:
+        self.url = url
+        self.status_code = status_code
+        self.server_message = message
+        self.body = body
+        super().__init__(f"{url} refused the request with HTTP {status_code}: {message}")
+
+
+class ServerUnreachable(BootstrapError):
+    """Transient failures (refused, timed out, 5xx) outlasted the retry policy."""
+
+    def __init__(
+        self,
+        url: str,
+        attempts: int,
+        elapsed: float,
+        last_cause: str,
+        hint: str | None = None,
+        action: str = "request",
+    ) -> None:
+        self.url = url
+        self.attempts = attempts
+        self.elapsed = elapsed
+        self.last_cause = last_cause
+        self.hint = hint
+        message = (
+            f"{action} to {url} failed after {attempts} attempt(s) over {elapsed:.1f}s; "
+            f"last cause: {last_cause}"
+        )
+        super().__init__(message + (f" — {hint}" if hint else ""))
+
+
+class RegistrationFailed(ServerUnreachable):
+    """A rank could not register with the bootstrap server before its retry policy ran out."""
+
+    def __init__(
+        self,
+        url: str,
+        host: str,
+        port: int,
+        attempts: int,
+        elapsed: float,
+        last_cause: str,
+        hint: str | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        super().__init__(url, attempts, elapsed, last_cause, hint, action="registration")

@@ -1,0 +1,267 @@
+"""The bootstrap wire protocol, defined once for both sides.
+
+The shapes follow SGLang's current bootstrap protocol (``PUT /route`` registrations, ``GET /route``
+lookups, dp-rank rooms) so unmodified SGLang workers can talk to our server. Bounds live on the
+models, so every malformed input becomes a 422 that names the field instead of a 500 deep inside
+the server. Integers are strict: ``"4"`` or ``true`` where a size is expected is a client bug that
+should surface, not be coerced.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, NamedTuple
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+)
+
+__all__ = [
+    "DEFAULT_PORT",
+    "HEALTH_PATH",
+    "MAX_BODY_BYTES",
+    "MAX_ROOM",
+    "OPTIONAL_INFO_KEYS",
+    "READY_PATH",
+    "ROUTE_PATH",
+    "SERVER_INFO_QUERY",
+    "TABLE_PATH",
+    "Cell",
+    "CellReport",
+    "ConflictReport",
+    "DpRankQuery",
+    "DpRankRegistration",
+    "ErrorBody",
+    "RankAddress",
+    "RankRegistration",
+    "ReplacementReport",
+    "RowReport",
+    "TableReport",
+    "TopologyReport",
+]
+
+DEFAULT_PORT = 8998
+"""SGLang's default ``--disaggregation-bootstrap-port``; the sidecar and the engine agree on it."""
+
+ROUTE_PATH = "/route"
+HEALTH_PATH = "/health"
+READY_PATH = "/ready"
+TABLE_PATH = "/prefill_port_table"
+MAX_BODY_BYTES = 1 << 20
+MAX_ROOM = (1 << 63) - 1
+SERVER_INFO_QUERY = {
+    "prefill_dp_rank": "-1",
+    "prefill_cp_rank": "-1",
+    "target_tp_rank": "-1",
+    "target_pp_rank": "-1",
+}
+
+OPTIONAL_INFO_KEYS = (
+    "enable_dsa_cache_layer_split",
+    "enable_kv_cache_sharding",
+    "kv_layout",
+    "dsv41_spec_layout",
+    "decode_allocation_policy",
+    "prefill_http_port",
+)
+"""Server-info keys that newer SGLang releases add; echoed only when the prefill carried them."""
+
+Size = Annotated[StrictInt, Field(ge=1, le=1 << 20)]
+Rank = Annotated[StrictInt, Field(ge=0, le=1 << 20)]
+Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+_RANK_OF_SIZE = {
+    "attn_tp_rank": "attn_tp_size",
+    "attn_cp_rank": "attn_cp_size",
+    "attn_dp_rank": "attn_dp_size",
+    "pp_rank": "pp_size",
+    "system_dp_rank": "system_dp_size",
+}
+Host = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[^\s/?#@]+$")]
+
+
+class Cell(NamedTuple):
+    """One slot of the port table: (dp group, attention-cp rank, attention-tp rank, pp rank)."""
+
+    dp: int
+    cp: int
+    tp: int
+    pp: int
+
+
+class RankAddress(BaseModel):
+    """Where one rank's KV-transfer endpoint listens (SGLang's ``PrefillRankInfo``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    rank_ip: str
+    rank_port: int
+
+
+class RankRegistration(BaseModel):
+    """The body of ``PUT /route``: one prefill rank announcing its cell and address.
+
+    Fields newer SGLang releases add are accepted and kept (``extra="allow"``) so a sidecar older
+    than its engine never rejects a registration.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    attn_tp_size: Size
+    attn_tp_rank: Rank
+    attn_cp_size: Size
+    attn_cp_rank: Rank
+    attn_dp_size: Size
+    attn_dp_rank: Rank
+    pp_size: Size
+    pp_rank: Rank
+    system_dp_size: Size
+    system_dp_rank: Rank
+    rank_ip: Host
+    rank_port: Port
+    page_size: Annotated[StrictInt, Field(ge=1)] | None
+    kv_cache_dtype: Annotated[str, Field(min_length=1, max_length=64)] | None
+    load_balance_method: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    enable_dsa_cache_layer_split: StrictBool | None = None
+    enable_kv_cache_sharding: StrictBool | None = None
+    kv_layout: Annotated[str, Field(max_length=64)] | None = None
+    dsv41_spec_layout: dict[str, Any] | None = None
+    decode_allocation_policy: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    prefill_http_port: Port | None = None
+
+    @field_validator(*_RANK_OF_SIZE, mode="after")
+    @classmethod
+    def _rank_inside_its_size(cls, rank: int, info: ValidationInfo) -> int:
+        size_field = _RANK_OF_SIZE[info.field_name or ""]
+        size = info.data.get(size_field)
+        if size is not None and rank >= size:
+            raise ValueError(
+                f"{info.field_name}={rank} is outside {size_field}={size} "
+                f"(ranks count from 0 to {size_field}-1)"
+            )
+        return rank
+
+    @property
+    def dp_group(self) -> int:
+        """SGLang's rule: the attention-dp rank unless the system runs several dp groups."""
+        return self.attn_dp_rank if self.system_dp_size == 1 else self.system_dp_rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.attn_dp_size if self.system_dp_size == 1 else self.system_dp_size
+
+    @property
+    def cell(self) -> Cell:
+        return Cell(self.dp_group, self.attn_cp_rank, self.attn_tp_rank, self.pp_rank)
+
+    @property
+    def address(self) -> RankAddress:
+        return RankAddress(rank_ip=self.rank_ip, rank_port=self.rank_port)
+
+    def carried_keys(self) -> frozenset[str]:
+        """The optional keys this rank's release put on the wire (even if null)."""
+        return frozenset(self.model_fields_set) | frozenset(self.model_extra or {})
+
+    def wire(self) -> dict[str, Any]:
+        """The JSON body exactly as this rank would send it (unset optional keys left out)."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+class DpRankRegistration(BaseModel):
+    """``POST /register_dp_rank``: which prefill dp rank serves a bootstrap room."""
+
+    bootstrap_room: Annotated[StrictInt, Field(ge=0, le=MAX_ROOM)]
+    dp_rank: Rank
+
+
+class DpRankQuery(BaseModel):
+    """``POST /query_dp_ranks``: the dp rank of each room (unknown rooms are left out)."""
+
+    bootstrap_rooms: Annotated[
+        list[Annotated[StrictInt, Field(ge=0, le=MAX_ROOM)]], Field(max_length=65536)
+    ]
+
+
+class ErrorBody(BaseModel):
+    """The one JSON error shape of every non-SGLang error answer."""
+
+    error: str = Field(description="machine-readable kind, e.g. validation_error, conflict")
+    message: str = Field(description="a sentence for humans: what happened and what to do")
+    details: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class TopologyReport(BaseModel):
+    dp_size: int
+    attn_cp_size: int
+    attn_tp_size: int
+    pp_size: int
+    page_size: int | None
+    kv_cache_dtype: str | None
+
+
+class CellReport(BaseModel):
+    dp: int
+    cp: int
+    tp: int
+    pp: int
+    rank_ip: str
+    rank_port: int
+    first_registered_at: float = Field(description="unix seconds of the cell's first registration")
+    last_registered_at: float = Field(description="unix seconds of the latest registration")
+    generation: int = Field(description="1 at first registration, +1 per address change")
+    extra: dict[str, Any] = Field(default_factory=dict, description="fields we do not interpret")
+
+    @property
+    def cell(self) -> Cell:
+        return Cell(self.dp, self.cp, self.tp, self.pp)
+
+
+class RowReport(BaseModel):
+    dp: int
+    expected: int
+    registered: int
+    complete: bool
+
+
+class ReplacementReport(BaseModel):
+    cell: Cell
+    old: RankAddress
+    new: RankAddress
+    generation: int
+    at: float
+
+
+class ConflictReport(BaseModel):
+    field: str
+    established: Any
+    offered: Any
+    rank_ip: str
+    rank_port: int
+    cell: Cell
+    at: float
+
+
+class TableReport(BaseModel):
+    """``GET /prefill_port_table``: the whole table for humans and scripts (a stable schema)."""
+
+    instance_id: str
+    complete: bool
+    topology: TopologyReport | None
+    expected_cells: int | None
+    registered_cells: int
+    missing_cells: list[Cell]
+    rows: list[RowReport]
+    cells: list[CellReport]
+    replacements: list[ReplacementReport]
+    conflicts: list[ConflictReport]
+    server_info: dict[str, Any] | None = Field(
+        description="what GET /route with all four ranks -1 answers once complete"
+    )
+    state: Literal["memory", "sqlite"]
+
+    def registered_hosts(self) -> list[str]:
+        return sorted({cell.rank_ip for cell in self.cells})

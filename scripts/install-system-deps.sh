@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Debian packages the tests need; installs only what is missing, so it is cheap to re-run.
+set -euo pipefail
+
+packages=(
+    iproute2   # ip netns: the multi-host tests
+    procps     # pkill/ps used by test clean-up
+    curl       # the README tour and container checks
+)
+
+missing=()
+for package in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
+        || missing+=("$package")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+    exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-system-deps: missing ${missing[*]}; run as root or install them yourself" >&2
+    exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "install-system-deps: installed ${missing[*]}"

@@ -1,0 +1,210 @@
+"""``create_app(settings, store=...)``: the bootstrap server as an ASGI application.
+
+Routes are thin: parse, call the registry, shape a response. The protocol's hot routes are served
+by the lean layer in ``fastpath.py``; they are declared here too, calling the same answer
+functions, so the OpenAPI schema stays truthful and ``fast_path=False`` serves identical bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from prefill_bootstrap.client.protocol import (
+    DpRankQuery,
+    DpRankRegistration,
+    ErrorBody,
+    RankRegistration,
+    TableReport,
+)
+from prefill_bootstrap.service import answers
+from prefill_bootstrap.service.fastpath import FrontDoor
+from prefill_bootstrap.service.http_errors import (
+    error_response,
+    install_error_handlers,
+    json_response,
+)
+from prefill_bootstrap.service.registry import Registry
+from prefill_bootstrap.service.report import readiness, table_report
+from prefill_bootstrap.service.settings import ServerSettings
+from prefill_bootstrap.service.store import StateStore, open_store
+from pydantic import ValidationError
+
+from prefill_bootstrap import __version__
+
+__all__ = ["create_app"]
+
+TEXT_OK = {"content": {"text/plain": {"example": "OK"}}}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    422: {"model": ErrorBody, "description": "a field is missing, mistyped or out of range"},
+}
+
+
+def _reply(reply: answers.Reply) -> Response:
+    return Response(reply.body, reply.status, media_type=reply.content_type.decode())
+
+
+def _body_schema(model: type[Any]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
+
+
+WaitSeconds = Annotated[
+    float,
+    Query(ge=0, le=3600, description="long-poll: answer as soon as complete, or after this long"),
+]
+
+
+def create_app(
+    settings: ServerSettings | None = None,
+    store: StateStore | None = None,
+    *,
+    fast_path: bool = True,
+) -> Any:
+    """Build the server. ``store`` defaults to what ``settings.state_dir`` names."""
+    settings = settings or ServerSettings()
+    registry = Registry(settings, store if store is not None else open_store(settings.state_dir))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            registry.close()
+
+    app = FastAPI(
+        title="prefill-bootstrap",
+        version=__version__,
+        summary="SGLang-compatible bootstrap server for multi-node disaggregated prefill.",
+        lifespan=lifespan,
+    )
+    app.state.registry = registry
+    install_error_handlers(app)
+
+    @app.put(
+        "/route",
+        summary="A prefill rank registers its cell and KV-transfer address (SGLang protocol).",
+        response_class=Response,
+        responses={
+            200: TEXT_OK,
+            409: {"model": ErrorBody, "description": "contradicts the established topology"},
+            413: {"model": ErrorBody, "description": "body larger than the configured cap"},
+            503: {"model": ErrorBody, "description": "could not be made durable; retry"},
+            **ERRORS,
+        },
+        openapi_extra=_body_schema(RankRegistration),
+    )
+    async def register_rank(request: Request) -> Response:
+        # Parsed here rather than by FastAPI so the content type does not matter: SGLang's own
+        # server reads any body as JSON, and curl users forget the header.
+        try:
+            registration = RankRegistration.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise RequestValidationError(
+                [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
+            ) from exc
+        await registry.register(registration)
+        return Response(b"OK", media_type="text/plain")
+
+    @app.get(
+        "/route",
+        summary="Server info (all four ranks -1) or one cell's address (SGLang protocol).",
+        response_class=Response,
+        responses={
+            200: {"description": "server info, or {rank_ip, rank_port}"},
+            400: {"description": "Missing inputs for bootstrap server."},
+            404: {"description": "no rank registered that cell"},
+            503: {"description": "Prefill server not fully registered yet (N workers ...)."},
+            **ERRORS,
+        },
+    )
+    async def lookup(
+        prefill_dp_rank: str = "",
+        prefill_cp_rank: str = "",
+        target_tp_rank: str = "",
+        target_pp_rank: str = "",
+    ) -> Response:
+        params = {
+            "prefill_dp_rank": prefill_dp_rank,
+            "prefill_cp_rank": prefill_cp_rank,
+            "target_tp_rank": target_tp_rank,
+            "target_pp_rank": target_pp_rank,
+        }
+        return _reply(answers.route_lookup(registry, params))
+
+    @app.api_route(
+        "/route",
+        methods=["POST", "DELETE", "PATCH"],
+        include_in_schema=False,
+    )
+    async def route_other_methods(request: Request) -> Response:
+        return error_response(
+            405, "method_not_allowed", f"{request.method} is not allowed on /route (PUT, GET)"
+        )
+
+    @app.post(
+        "/register_dp_rank",
+        summary="Remember which prefill dp rank serves a bootstrap room (SGLang protocol).",
+        response_class=Response,
+        responses={200: TEXT_OK, **ERRORS},
+        openapi_extra=_body_schema(DpRankRegistration),
+    )
+    async def register_dp_rank(request: Request) -> Response:
+        return _reply(answers.register_dp_rank(registry, await request.body(), time.time()))
+
+    @app.post(
+        "/query_dp_ranks",
+        summary="Which dp rank serves each room; unknown or expired rooms are left out.",
+        response_class=Response,
+        responses={200: {"description": '{"<room>": dp_rank, ...}'}, **ERRORS},
+        openapi_extra=_body_schema(DpRankQuery),
+    )
+    async def query_dp_ranks(request: Request) -> Response:
+        return _reply(answers.query_dp_ranks(registry, await request.body(), time.time()))
+
+    @app.get(
+        "/health",
+        summary="Liveness: the process serves requests.",
+        response_class=Response,
+        responses={200: TEXT_OK},
+    )
+    async def health() -> Response:
+        return _reply(answers.health())
+
+    @app.get(
+        "/ready",
+        summary="Readiness: 200 only when every cell of the topology is registered.",
+        responses={503: {"description": "incomplete; the body lists the missing cells"}},
+    )
+    async def ready(wait: WaitSeconds = 0) -> Response:
+        if wait:
+            await registry.wait_until_complete(wait)
+        body = readiness(registry)
+        return json_response(body, 200 if body["ready"] else 503)
+
+    @app.get(
+        "/prefill_port_table",
+        summary="The whole port table for humans and scripts.",
+        response_model=TableReport,
+    )
+    async def prefill_port_table(wait: WaitSeconds = 0) -> Response:
+        if wait:
+            await registry.wait_until_complete(wait)
+        return json_response(table_report(registry))
+
+    @app.delete(
+        "/prefill_port_table",
+        summary="Forget every registration and start a new group (new instance id).",
+    )
+    async def reset_table() -> dict[str, str]:
+        return {"instance_id": await registry.reset()}
+
+    return FrontDoor(app, registry, settings.max_body_bytes, serve_hot_routes=fast_path)

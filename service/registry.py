@@ -1,0 +1,165 @@
+"""The server's state and what may change it: the port table, the room table and the store.
+
+Routes (slow FastAPI ones and the lean hot path alike) call into this object; it owns ordering
+(change in memory, then await durability), logging, and waking long-polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from prefill_bootstrap.client.errors import TopologyConflict, format_cell
+from prefill_bootstrap.client.protocol import RankRegistration
+from prefill_bootstrap.service.rooms import RoomTable
+from prefill_bootstrap.service.settings import ServerSettings
+from prefill_bootstrap.service.store import (
+    Change,
+    GroupCommitWriter,
+    StateStore,
+    new_instance_id,
+)
+from prefill_bootstrap.service.table import Outcome, PortTable, Registered
+
+__all__ = ["Registry"]
+
+log = logging.getLogger("prefill_bootstrap.server")
+
+
+def _address(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+class Registry:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        store: StateStore,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.store = store
+        if settings.reset:
+            store.write([new_instance_id()])
+        stored = store.load()
+        self.instance_id = stored.instance_id
+        self.table = PortTable.restore(stored.snapshot)
+        self.rooms = RoomTable(settings.room_ttl_seconds, settings.room_capacity)
+        self.writer = GroupCommitWriter(store)
+        self._changed = asyncio.Event()
+        self._cache_version = -1
+        self._cache: dict[Any, bytes] = {}
+        if self.table.registered_count:
+            log.info(
+                "Restored %d of %s cells of instance %s from %s state.",
+                self.table.registered_count,
+                self.table.expected_count,
+                self.instance_id,
+                store.kind,
+            )
+
+    # -- changes -------------------------------------------------------------------------------
+
+    async def register(self, registration: RankRegistration) -> Registered:
+        """Apply in memory, then wait until the change is durable before acknowledging."""
+        try:
+            done = self.table.register(registration, self.clock())
+        except TopologyConflict as conflict:
+            log.warning(
+                "Refused rank %s for cell %s: %s",
+                _address(registration.rank_ip, registration.rank_port),
+                format_cell(registration.cell),
+                conflict,
+            )
+            await self._persist([self.table.conflicts[-1]])
+            self._notify()
+            raise
+        changes: list[Change] = []
+        if done.topology_changed:
+            changes.append(done.topology)
+        if done.outcome is Outcome.REPLACED:
+            changes.append(self.table.replacements[-1])
+        changes.append(done.record)
+        await self._persist(changes)
+        self._notify()
+        self._log_registration(done)
+        return done
+
+    async def reset(self) -> str:
+        instance_id = new_instance_id()
+        self.table = PortTable()
+        self.rooms = RoomTable(self.settings.room_ttl_seconds, self.settings.room_capacity)
+        self._cache_version = -1
+        await self._persist([instance_id])
+        self.instance_id = instance_id
+        self._notify()
+        log.warning("Reset the port table; new instance %s.", instance_id)
+        return instance_id
+
+    async def _persist(self, changes: list[Change]) -> None:
+        await asyncio.wrap_future(self.writer.submit(changes))
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _log_registration(self, done: Registered) -> None:
+        record, table = done.record, self.table
+        where = _address(record.address.rank_ip, record.address.rank_port)
+        progress = f"{table.registered_count}/{table.expected_count} cells"
+        if done.outcome is Outcome.NEW:
+            log.info(
+                "Registered cell %s at %s (generation %d, %s).",
+                format_cell(record.cell),
+                where,
+                record.generation,
+                progress,
+            )
+        elif done.outcome is Outcome.REPLACED and done.previous is not None:
+            log.warning(
+                "Cell %s moved %s -> %s (generation %d, %s).",
+                format_cell(record.cell),
+                _address(done.previous.rank_ip, done.previous.rank_port),
+                where,
+                record.generation,
+                progress,
+            )
+        else:
+            log.debug("Cell %s re-registered unchanged at %s.", format_cell(record.cell), where)
+        if table.is_complete and done.outcome is Outcome.NEW:
+            log.info("The port table is complete: all %s cells registered.", table.expected_count)
+
+    # -- waiting -------------------------------------------------------------------------------
+
+    async def wait_until_complete(self, timeout: float) -> bool:
+        """Long-poll helper: True as soon as the table is complete, False at the deadline."""
+        deadline = time.monotonic() + min(timeout, self.settings.max_wait_seconds)
+        while not self.table.is_complete:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                return False
+        return True
+
+    # -- cached answers for hot reads ----------------------------------------------------------
+
+    def cached(self, key: Any, build: Callable[[], Any]) -> bytes:
+        """JSON bytes derived from the table, rebuilt only after the table changed."""
+        if self._cache_version != self.table.version:
+            self._cache.clear()
+            self._cache_version = self.table.version
+        body = self._cache.get(key)
+        if body is None:
+            body = self._cache[key] = orjson.dumps(build())
+        return body
+
+    def close(self) -> None:
+        self.writer.close()

@@ -1,0 +1,80 @@
+"""Run the server: bind the socket ourselves, then hand it to uvicorn.
+
+Binding first turns a port clash into a clear error naming host, port and the flag to change,
+instead of uvicorn logging it from inside its loop. uvicorn handles SIGTERM/SIGINT with a graceful
+shutdown; the app's lifespan then drains the state writer, so every acknowledged write is on disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+
+import uvicorn
+from prefill_bootstrap.client.errors import ConfigurationError, PortInUse
+from prefill_bootstrap.service.app import create_app
+from prefill_bootstrap.service.settings import ServerSettings
+
+__all__ = ["bind_socket", "configure_logging", "serve"]
+
+log = logging.getLogger("prefill_bootstrap.server")
+
+
+def bind_socket(host: str, port: int, backlog: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigurationError(
+            f"cannot resolve listen host {host!r}: {exc.strerror}; pass an address with --host"
+        ) from exc
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and host in ("::", "[::]"):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # also serve IPv4
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(host, port, "the address is already in use") from exc
+        raise PortInUse(host, port, exc.strerror or str(exc)) from exc
+    return sock
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def serve(settings: ServerSettings) -> None:
+    configure_logging(settings.log_level)
+    sock = bind_socket(settings.host, settings.port, settings.backlog)
+    app = create_app(settings)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    registry = app.registry
+    log.info(
+        "prefill-bootstrap listening on http://%s:%d (state: %s%s, instance %s, %d/%s cells).",
+        shown,
+        port,
+        registry.store.kind,
+        f" in {settings.state_dir}" if settings.state_dir else "",
+        registry.instance_id,
+        registry.table.registered_count,
+        registry.table.expected_count,
+    )
+    config = uvicorn.Config(
+        app,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        backlog=settings.backlog,
+        timeout_graceful_shutdown=5,
+        log_config=None,
+    )
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])

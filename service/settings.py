@@ -1,0 +1,55 @@
+"""Server settings from one place: defaults < ``PREFILL_BOOTSTRAP_*`` environment < CLI flags.
+
+The object is frozen and passed down explicitly; nothing reads the environment anywhere else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from prefill_bootstrap.client.protocol import DEFAULT_PORT, MAX_BODY_BYTES
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["DEFAULT_STATE_DIR", "ServerSettings"]
+
+DEFAULT_STATE_DIR = Path("prefill-bootstrap-state")
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PREFILL_BOOTSTRAP_", frozen=True, extra="ignore")
+
+    host: str = Field("127.0.0.1", description="address to listen on; '::' for IPv6")
+    port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        DEFAULT_PORT, description="TCP port; 0 picks a free one (printed at start-up)"
+    )
+    state_dir: Path | None = Field(
+        DEFAULT_STATE_DIR,
+        description="directory of the SQLite state; empty keeps state in memory only",
+    )
+    reset: bool = Field(False, description="discard the stored table and start a new group")
+    room_ttl_seconds: Annotated[float, Field(gt=0)] = Field(
+        120.0, description="how long a bootstrap_room -> dp_rank entry lives (SGLang: 120 s)"
+    )
+    room_capacity: Annotated[int, Field(ge=1)] = Field(
+        200_000, description="most room entries kept; the oldest are evicted beyond it"
+    )
+    max_body_bytes: Annotated[int, Field(ge=1024)] = Field(
+        MAX_BODY_BYTES, description="larger request bodies are refused with 413"
+    )
+    max_wait_seconds: Annotated[float, Field(ge=0)] = Field(
+        300.0, description="upper bound for ?wait= long polls"
+    )
+    backlog: Annotated[int, Field(ge=16)] = Field(
+        4096, description="listen backlog: a whole group registers within the same second"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = Field(False, description="log every request (noisy under load)")
+
+    @field_validator("state_dir", mode="before")
+    @classmethod
+    def _empty_means_memory(cls, value: object) -> object:
+        if value is None or (isinstance(value, str | Path) and str(value).strip() == ""):
+            return None
+        return value

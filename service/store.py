@@ -1,0 +1,374 @@
+"""Durable state behind a small interface: SQLite (WAL) by default, memory for tests.
+
+A store applies *batches* of changes atomically; ``GroupCommitWriter`` funnels every request's
+changes through one thread so concurrent registrations share one fsync (group commit) without
+weakening the promise that a 200 means the registration is on disk. Both stores pass the same
+contract tests (``tests/test_store.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import queue
+import sqlite3
+import threading
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from prefill_bootstrap.client.errors import ConfigurationError, StateStoreError
+from prefill_bootstrap.client.protocol import Cell, RankAddress
+from prefill_bootstrap.service.table import (
+    HISTORY_LIMIT,
+    CellRecord,
+    Conflict,
+    Replacement,
+    Snapshot,
+    Topology,
+)
+
+__all__ = [
+    "Change",
+    "GroupCommitWriter",
+    "MemoryStore",
+    "SqliteStore",
+    "StateStore",
+    "StoredState",
+    "new_instance_id",
+    "open_store",
+]
+
+DATABASE_NAME = "prefill-bootstrap.sqlite3"
+SCHEMA_VERSION = "1"
+
+
+def new_instance_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class StoredState:
+    instance_id: str
+    snapshot: Snapshot
+
+
+Change = Topology | CellRecord | Replacement | Conflict | str
+"""A topology, cell, history entry, or a new instance id (a reset) to persist."""
+
+
+class StateStore(ABC):
+    kind: str
+
+    @abstractmethod
+    def load(self) -> StoredState:
+        """Return what was persisted, starting a fresh instance if there is nothing."""
+
+    @abstractmethod
+    def write(self, changes: Sequence[Change]) -> None:
+        """Persist every change or none of them."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release files and locks."""
+
+
+class MemoryStore(StateStore):
+    """Keeps the last written state in memory: for tests and ``--state-dir ''``."""
+
+    kind = "memory"
+
+    def __init__(self) -> None:
+        self._clear(new_instance_id())
+
+    def _clear(self, instance_id: str) -> None:
+        self._instance_id = instance_id
+        self._topology: Topology | None = None
+        self._cells: dict[Cell, CellRecord] = {}
+        self._replacements: list[Replacement] = []
+        self._conflicts: list[Conflict] = []
+
+    def load(self) -> StoredState:
+        snapshot = Snapshot(
+            self._topology,
+            tuple(sorted(self._cells.values(), key=lambda r: r.cell)),
+            tuple(self._replacements[-HISTORY_LIMIT:]),
+            tuple(self._conflicts[-HISTORY_LIMIT:]),
+        )
+        return StoredState(self._instance_id, snapshot)
+
+    def write(self, changes: Sequence[Change]) -> None:
+        for change in changes:
+            if isinstance(change, str):
+                self._clear(change)
+            elif isinstance(change, Topology):
+                self._topology = change
+            elif isinstance(change, CellRecord):
+                self._cells[change.cell] = change
+            elif isinstance(change, Replacement):
+                self._replacements.append(change)
+            else:
+                self._conflicts.append(change)
+
+
+# -- SQLite ------------------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cells (
+    dp INTEGER NOT NULL, cp INTEGER NOT NULL, tp INTEGER NOT NULL, pp INTEGER NOT NULL,
+    rank_ip TEXT NOT NULL, rank_port INTEGER NOT NULL,
+    first_registered_at REAL NOT NULL, last_registered_at REAL NOT NULL,
+    generation INTEGER NOT NULL, extra TEXT NOT NULL,
+    PRIMARY KEY (dp, cp, tp, pp)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, body TEXT NOT NULL
+);
+"""
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _record_from_row(row: sqlite3.Row) -> CellRecord:
+    return CellRecord(
+        cell=Cell(row["dp"], row["cp"], row["tp"], row["pp"]),
+        address=RankAddress(rank_ip=row["rank_ip"], rank_port=row["rank_port"]),
+        first_registered_at=row["first_registered_at"],
+        last_registered_at=row["last_registered_at"],
+        generation=row["generation"],
+        extra=orjson.loads(row["extra"]),
+    )
+
+
+def _event_body(event: Replacement | Conflict) -> str:
+    body = asdict(event)
+    body["cell"] = list(event.cell)
+    for key in ("old", "new", "address"):
+        if key in body:
+            body[key] = getattr(event, key).model_dump()
+    return _dumps(body)
+
+
+def _replacement(body: dict[str, Any]) -> Replacement:
+    return Replacement(
+        Cell(*body["cell"]),
+        RankAddress(**body["old"]),
+        RankAddress(**body["new"]),
+        body["generation"],
+        body["at"],
+    )
+
+
+def _conflict(body: dict[str, Any]) -> Conflict:
+    return Conflict(
+        body["field"],
+        body["established"],
+        body["offered"],
+        RankAddress(**body["address"]),
+        Cell(*body["cell"]),
+        body["at"],
+    )
+
+
+class SqliteStore(StateStore):
+    """One SQLite file in WAL mode with ``synchronous=FULL``: a committed batch survives
+    ``kill -9`` and power loss. A lock file keeps two servers from sharing one state dir.
+    """
+
+    kind = "sqlite"
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            self._lock_file = (state_dir / "lock").open("w")
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot use state directory {state_dir}: {exc.strerror}; choose a writable "
+                "directory with --state-dir (or PREFILL_BOOTSTRAP_STATE_DIR)"
+            ) from exc
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise ConfigurationError(
+                f"state directory {state_dir} is in use by another prefill-bootstrap server; "
+                "stop it or give this one its own --state-dir"
+            ) from None
+        self.path = state_dir / DATABASE_NAME
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            self.close()
+            raise StateStoreError(f"cannot open the state database {self.path}: {exc}") from exc
+
+    def load(self) -> StoredState:
+        try:
+            meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+            if "instance_id" not in meta:
+                instance_id = new_instance_id()
+                self.write([instance_id])
+                return StoredState(instance_id, Snapshot(None, ()))
+            topology = None
+            if "topology" in meta:
+                topology = Topology(**orjson.loads(meta["topology"]))
+            cells = tuple(
+                _record_from_row(row)
+                for row in self._db.execute("SELECT * FROM cells ORDER BY dp, cp, tp, pp")
+            )
+            history: dict[str, list[dict[str, Any]]] = {"replacement": [], "conflict": []}
+            for kind in history:
+                rows = self._db.execute(
+                    "SELECT body FROM events WHERE kind = ? ORDER BY id DESC LIMIT ?",
+                    (kind, HISTORY_LIMIT),
+                ).fetchall()
+                history[kind] = [orjson.loads(row["body"]) for row in reversed(rows)]
+        except (sqlite3.Error, orjson.JSONDecodeError, TypeError, KeyError) as exc:
+            raise StateStoreError(
+                f"the state database {self.path} is unreadable ({exc}); move it aside or start "
+                "with --reset to begin a new group"
+            ) from exc
+        snapshot = Snapshot(
+            topology,
+            cells,
+            tuple(_replacement(body) for body in history["replacement"]),
+            tuple(_conflict(body) for body in history["conflict"]),
+        )
+        return StoredState(meta["instance_id"], snapshot)
+
+    def write(self, changes: Sequence[Change]) -> None:
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for change in changes:
+                if isinstance(change, str):
+                    db.execute("DELETE FROM cells")
+                    db.execute("DELETE FROM events")
+                    db.execute("DELETE FROM meta")
+                    db.execute(
+                        "INSERT INTO meta VALUES ('schema_version', ?), ('instance_id', ?)",
+                        (SCHEMA_VERSION, change),
+                    )
+                elif isinstance(change, Topology):
+                    db.execute(
+                        "INSERT OR REPLACE INTO meta VALUES ('topology', ?)",
+                        (_dumps(asdict(change)),),
+                    )
+                elif isinstance(change, CellRecord):
+                    db.execute(
+                        "INSERT OR REPLACE INTO cells VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            *change.cell,
+                            change.address.rank_ip,
+                            change.address.rank_port,
+                            change.first_registered_at,
+                            change.last_registered_at,
+                            change.generation,
+                            _dumps(change.extra),
+                        ),
+                    )
+                else:
+                    kind = "replacement" if isinstance(change, Replacement) else "conflict"
+                    db.execute(
+                        "INSERT INTO events (kind, body) VALUES (?, ?)",
+                        (kind, _event_body(change)),
+                    )
+            db.execute("COMMIT")
+        except (sqlite3.Error, TypeError, ValueError) as exc:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise StateStoreError(f"cannot write the state database {self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._db.close()
+        with contextlib.suppress(Exception):
+            self._lock_file.close()
+
+
+def open_store(state_dir: Path | None) -> StateStore:
+    """SQLite under ``state_dir``, or memory when no directory is given."""
+    return MemoryStore() if state_dir is None else SqliteStore(state_dir)
+
+
+# -- group commit ------------------------------------------------------------------------------
+
+
+class GroupCommitWriter:
+    """One writer thread: every batch queued while a commit runs rides on the next commit.
+
+    ``submit`` returns a future that resolves once the changes are durable, so request handlers
+    can await durability without blocking the event loop (and ``/health`` never waits on disk).
+    """
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+        self._queue: queue.SimpleQueue[tuple[Sequence[Change], Future[None]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self.commits = 0
+
+    def submit(self, changes: Sequence[Change]) -> Future[None]:
+        """Queue changes for the next commit; the writer thread starts with the first write."""
+        if self._thread is None:
+            with self._start_lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name="state-writer", daemon=True
+                    )
+                    self._thread.start()
+        future: Future[None] = Future()
+        self._queue.put((changes, future))
+        return future
+
+    def close(self) -> None:
+        """Finish every queued write, then stop the thread and close the store."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+        self.store.close()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            pending: list[tuple[Sequence[Change], Future[None]]] = []
+            stop = item is None
+            if item is not None:
+                pending.append(item)
+            while not stop:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                else:
+                    pending.append(item)
+            if pending:
+                self._commit(pending)
+            if stop:
+                return
+
+    def _commit(self, pending: list[tuple[Sequence[Change], Future[None]]]) -> None:
+        try:
+            self.store.write([change for changes, _ in pending for change in changes])
+        except Exception as exc:  # surfaced to every waiting request, never swallowed
+            for _, future in pending:
+                future.set_exception(exc)
+            return
+        self.commits += 1
+        for _, future in pending:
+            future.set_result(None)

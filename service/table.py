@@ -1,0 +1,346 @@
+"""The prefill port table as a pure domain object: no HTTP, no I/O, no clock of its own.
+
+The first registration establishes the group's topology; every later one must agree with it.
+Readiness counts distinct cells, never registrations, so a rank that registers twice cannot make
+an incomplete group look complete. Every change bumps ``version`` so callers can cache answers
+derived from the table and notice when they go stale.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from prefill_bootstrap.client.errors import CellNotFound, TopologyConflict
+from prefill_bootstrap.client.protocol import (
+    OPTIONAL_INFO_KEYS,
+    Cell,
+    RankAddress,
+    RankRegistration,
+)
+
+__all__ = [
+    "CellRecord",
+    "Conflict",
+    "Outcome",
+    "PortTable",
+    "Registered",
+    "Replacement",
+    "Snapshot",
+    "Topology",
+]
+
+HISTORY_LIMIT = 256
+"""How many replacements and conflicts the diagnostics remember (oldest forgotten first)."""
+
+DEFAULT_ALLOCATION_POLICY = "early"
+FOLLOW_BOOTSTRAP_ROOM = "follow_bootstrap_room"
+
+
+@dataclass(frozen=True)
+class Topology:
+    """What the whole group agrees on; fixed by the first registration."""
+
+    dp_size: int
+    attn_cp_size: int
+    attn_tp_size: int
+    pp_size: int
+    page_size: int | None
+    kv_cache_dtype: str | None
+    options: dict[str, Any] = field(default_factory=dict)
+    """Optional server-info inputs as first carried (``load_balance_method`` and the like)."""
+
+    @property
+    def expected_cells(self) -> int:
+        return self.dp_size * self.attn_cp_size * self.attn_tp_size * self.pp_size
+
+    def cells(self) -> Iterator[Cell]:
+        for dp in range(self.dp_size):
+            for cp in range(self.attn_cp_size):
+                for tp in range(self.attn_tp_size):
+                    for pp in range(self.pp_size):
+                        yield Cell(dp, cp, tp, pp)
+
+    def cells_per_row(self) -> int:
+        return self.attn_cp_size * self.attn_tp_size * self.pp_size
+
+    @classmethod
+    def from_registration(cls, registration: RankRegistration) -> Topology:
+        carried = registration.carried_keys()
+        options = {
+            key: getattr(registration, key)
+            for key in (*OPTIONAL_INFO_KEYS, "load_balance_method")
+            if key in carried
+        }
+        return cls(
+            dp_size=registration.dp_size,
+            attn_cp_size=registration.attn_cp_size,
+            attn_tp_size=registration.attn_tp_size,
+            pp_size=registration.pp_size,
+            page_size=registration.page_size,
+            kv_cache_dtype=registration.kv_cache_dtype,
+            options=options,
+        )
+
+    def check(self, registration: RankRegistration) -> None:
+        """Raise ``TopologyConflict`` for the first field the registration contradicts."""
+        offered_sizes = {
+            "dp_size": registration.dp_size,
+            "attn_cp_size": registration.attn_cp_size,
+            "attn_tp_size": registration.attn_tp_size,
+            "pp_size": registration.pp_size,
+        }
+        for name, offered in offered_sizes.items():
+            established = getattr(self, name)
+            if offered != established:
+                raise TopologyConflict(name, established, offered)
+        # Unknown (null) page size or dtype agrees with anything; two known values must match.
+        for name in ("page_size", "kv_cache_dtype"):
+            established, offered = getattr(self, name), getattr(registration, name)
+            if established is not None and offered is not None and established != offered:
+                raise TopologyConflict(name, established, offered)
+        # SGLang refuses these two when ranks disagree; an absent policy means "early".
+        policy = self.options.get("decode_allocation_policy") or DEFAULT_ALLOCATION_POLICY
+        offered_policy = registration.decode_allocation_policy or DEFAULT_ALLOCATION_POLICY
+        if policy != offered_policy:
+            raise TopologyConflict("decode_allocation_policy", policy, offered_policy)
+        layout = self.options.get("dsv41_spec_layout")
+        if layout != registration.dsv41_spec_layout:
+            raise TopologyConflict("dsv41_spec_layout", layout, registration.dsv41_spec_layout)
+
+    def absorb(self, registration: RankRegistration) -> Topology:
+        """Fill values still unknown from a compatible registration (first known value wins)."""
+        updates: dict[str, Any] = {}
+        if self.page_size is None and registration.page_size is not None:
+            updates["page_size"] = registration.page_size
+        if self.kv_cache_dtype is None and registration.kv_cache_dtype is not None:
+            updates["kv_cache_dtype"] = registration.kv_cache_dtype
+        carried = registration.carried_keys()
+        options = dict(self.options)
+        for key in (*OPTIONAL_INFO_KEYS, "load_balance_method"):
+            if key in carried and options.get(key) is None:
+                options[key] = getattr(registration, key)
+        if options != self.options:
+            updates["options"] = options
+        return replace(self, **updates) if updates else self
+
+    def server_info(self) -> dict[str, Any]:
+        """SGLang's ``PrefillServerInfo`` keys: the base ones plus only the optional keys the
+        prefill's registrations carried, because an older decode breaks on keys it does not know.
+        """
+        method = self.options.get("load_balance_method") or FOLLOW_BOOTSTRAP_ROOM
+        info: dict[str, Any] = {
+            "attn_tp_size": self.attn_tp_size,
+            "attn_cp_size": self.attn_cp_size,
+            "dp_size": self.dp_size,
+            "pp_size": self.pp_size,
+            "page_size": self.page_size,
+            "kv_cache_dtype": self.kv_cache_dtype,
+            "follow_bootstrap_room": method == FOLLOW_BOOTSTRAP_ROOM,
+        }
+        for key in OPTIONAL_INFO_KEYS:
+            if key not in self.options:
+                continue
+            value = self.options[key]
+            if key in ("kv_layout", "dsv41_spec_layout") and value is None:
+                continue  # SGLang drops these two when unset.
+            if key.startswith("enable_"):
+                value = bool(value)
+            elif key == "decode_allocation_policy":
+                value = value or DEFAULT_ALLOCATION_POLICY
+            info[key] = value
+        return info
+
+
+@dataclass(frozen=True)
+class CellRecord:
+    """One filled cell: the rank's address and when and how often it registered."""
+
+    cell: Cell
+    address: RankAddress
+    first_registered_at: float
+    last_registered_at: float
+    generation: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Replacement:
+    cell: Cell
+    old: RankAddress
+    new: RankAddress
+    generation: int
+    at: float
+
+
+@dataclass(frozen=True)
+class Conflict:
+    field: str
+    established: Any
+    offered: Any
+    address: RankAddress
+    cell: Cell
+    at: float
+
+
+class Outcome(enum.Enum):
+    NEW = "new"
+    SAME = "same"
+    REPLACED = "replaced"
+
+
+@dataclass(frozen=True)
+class Registered:
+    """What a successful registration did, for the response, the log and the store."""
+
+    outcome: Outcome
+    record: CellRecord
+    previous: RankAddress | None
+    topology: Topology
+    topology_changed: bool
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything needed to rebuild a table, as the durable store keeps it."""
+
+    topology: Topology | None
+    cells: tuple[CellRecord, ...]
+    replacements: tuple[Replacement, ...] = ()
+    conflicts: tuple[Conflict, ...] = ()
+
+
+class PortTable:
+    """dp group -> cp rank -> tp rank -> pp rank -> rank address, with diagnostics."""
+
+    def __init__(self) -> None:
+        self.topology: Topology | None = None
+        self._cells: dict[Cell, CellRecord] = {}
+        self.replacements: deque[Replacement] = deque(maxlen=HISTORY_LIMIT)
+        self.conflicts: deque[Conflict] = deque(maxlen=HISTORY_LIMIT)
+        self.version = 0
+
+    # -- changes -------------------------------------------------------------------------------
+
+    def register(self, registration: RankRegistration, now: float) -> Registered:
+        """Fill (or refill) the registration's cell; all-or-nothing.
+
+        Raises ``TopologyConflict`` (and remembers it for diagnostics) without touching the cells
+        or the topology when the registration disagrees with the established group.
+        """
+        cell = registration.cell
+        topology = self.topology
+        if topology is None:
+            topology = Topology.from_registration(registration)
+        else:
+            try:
+                topology.check(registration)
+            except TopologyConflict as conflict:
+                self.conflicts.append(
+                    Conflict(
+                        conflict.field,
+                        conflict.established,
+                        conflict.offered,
+                        registration.address,
+                        cell,
+                        now,
+                    )
+                )
+                self.version += 1
+                raise
+            topology = topology.absorb(registration)
+
+        extra = dict(registration.model_extra or {})
+        previous = self._cells.get(cell)
+        if previous is None:
+            outcome = Outcome.NEW
+            record = CellRecord(cell, registration.address, now, now, 1, extra)
+        elif previous.address == registration.address:
+            outcome = Outcome.SAME
+            record = replace(previous, last_registered_at=now, extra=extra)
+        else:
+            outcome = Outcome.REPLACED
+            record = replace(
+                previous,
+                address=registration.address,
+                last_registered_at=now,
+                generation=previous.generation + 1,
+                extra=extra,
+            )
+            self.replacements.append(
+                Replacement(cell, previous.address, record.address, record.generation, now)
+            )
+
+        topology_changed = topology != self.topology
+        self.topology = topology
+        self._cells[cell] = record
+        self.version += 1
+        return Registered(
+            outcome,
+            record,
+            previous.address if previous else None,
+            topology,
+            topology_changed,
+        )
+
+    # -- questions -----------------------------------------------------------------------------
+
+    @property
+    def expected_count(self) -> int | None:
+        return self.topology.expected_cells if self.topology else None
+
+    @property
+    def registered_count(self) -> int:
+        return len(self._cells)
+
+    @property
+    def is_complete(self) -> bool:
+        expected = self.expected_count
+        return expected is not None and len(self._cells) >= expected
+
+    def lookup(self, cell: Cell) -> CellRecord:
+        try:
+            return self._cells[cell]
+        except KeyError:
+            raise CellNotFound(cell) from None
+
+    def records(self) -> list[CellRecord]:
+        return sorted(self._cells.values(), key=lambda record: record.cell)
+
+    def missing_cells(self) -> list[Cell]:
+        if self.topology is None:
+            return []
+        return [cell for cell in self.topology.cells() if cell not in self._cells]
+
+    def row_counts(self) -> dict[int, int]:
+        """Registered cells per dp group, every group of the topology included."""
+        counts = dict.fromkeys(range(self.topology.dp_size), 0) if self.topology else {}
+        for cell in self._cells:
+            counts[cell.dp] = counts.get(cell.dp, 0) + 1
+        return counts
+
+    def server_info(self) -> dict[str, Any] | None:
+        return self.topology.server_info() if self.topology else None
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            self.topology,
+            tuple(self.records()),
+            tuple(self.replacements),
+            tuple(self.conflicts),
+        )
+
+    @classmethod
+    def restore(cls, snapshot: Snapshot) -> PortTable:
+        table = cls()
+        table.topology = snapshot.topology
+        table._cells = {record.cell: record for record in snapshot.cells}
+        table.replacements.extend(snapshot.replacements)
+        table.conflicts.extend(snapshot.conflicts)
+        table.version = 1 if snapshot.topology or snapshot.cells else 0
+        return table
