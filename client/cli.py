@@ -11,9 +11,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from prefill_bootstrap.client.errors import BootstrapError
-
 from prefill_bootstrap import __version__
+from prefill_bootstrap.client.errors import BootstrapError
 
 __all__ = ["build_parser", "main"]
 

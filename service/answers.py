@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import orjson
+
 from prefill_bootstrap.client.errors import CellNotFound
 from prefill_bootstrap.client.protocol import MAX_ROOM, Cell
 from prefill_bootstrap.service.registry import Registry

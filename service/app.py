@@ -14,6 +14,9 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from prefill_bootstrap import __version__
 from prefill_bootstrap.client.protocol import (
     DpRankQuery,
     DpRankRegistration,
@@ -32,9 +35,6 @@ from prefill_bootstrap.service.registry import Registry
 from prefill_bootstrap.service.report import readiness, table_report
 from prefill_bootstrap.service.settings import ServerSettings
 from prefill_bootstrap.service.store import StateStore, open_store
-from pydantic import ValidationError
-
-from prefill_bootstrap import __version__
 
 __all__ = ["create_app"]
 

@@ -8,8 +8,9 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from prefill_bootstrap.client.errors import StateStoreError, TopologyConflict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from prefill_bootstrap.client.errors import StateStoreError, TopologyConflict
 
 __all__ = ["error_response", "install_error_handlers", "json_response"]
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
+
 from prefill_bootstrap.client.errors import TopologyConflict, format_cell
 from prefill_bootstrap.client.protocol import RankRegistration
 from prefill_bootstrap.service.rooms import RoomTable

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import errno
 import logging
+import signal
 import socket
+from types import FrameType
 
 import uvicorn
+
 from prefill_bootstrap.client.errors import ConfigurationError, PortInUse
 from prefill_bootstrap.service.app import create_app
 from prefill_bootstrap.service.settings import ServerSettings
@@ -42,6 +45,18 @@ def bind_socket(host: str, port: int, backlog: int) -> socket.socket:
             raise PortInUse(host, port, "the address is already in use") from exc
         raise PortInUse(host, port, exc.strerror or str(exc)) from exc
     return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises SIGTERM after its graceful shutdown, so the process dies "killed by
+    signal" even though it stopped cleanly; supervisors then report a crash. We shut down the same
+    way but exit 0.
+    """
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
+        log.info("Received %s; finishing requests and closing the state.", signal.Signals(sig).name)
 
 
 def configure_logging(level: str) -> None:
@@ -76,5 +91,5 @@ def serve(settings: ServerSettings) -> None:
         timeout_graceful_shutdown=5,
         log_config=None,
     )
-    server = uvicorn.Server(config)
-    server.run(sockets=[sock])
+    _Server(config).run(sockets=[sock])
+    log.info("prefill-bootstrap stopped cleanly.")

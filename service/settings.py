@@ -8,9 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from prefill_bootstrap.client.protocol import DEFAULT_PORT, MAX_BODY_BYTES
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from prefill_bootstrap.client.protocol import DEFAULT_PORT, MAX_BODY_BYTES
 
 __all__ = ["DEFAULT_STATE_DIR", "ServerSettings"]
 

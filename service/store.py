@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
 from prefill_bootstrap.client.errors import ConfigurationError, StateStoreError
 from prefill_bootstrap.client.protocol import Cell, RankAddress
 from prefill_bootstrap.service.table import (
@@ -209,6 +210,10 @@ class SqliteStore(StateStore):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?), ('instance_id', ?)",
+                (SCHEMA_VERSION, new_instance_id()),
+            )
         except sqlite3.Error as exc:
             self.close()
             raise StateStoreError(f"cannot open the state database {self.path}: {exc}") from exc
@@ -216,10 +221,6 @@ class SqliteStore(StateStore):
     def load(self) -> StoredState:
         try:
             meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
-            if "instance_id" not in meta:
-                instance_id = new_instance_id()
-                self.write([instance_id])
-                return StoredState(instance_id, Snapshot(None, ()))
             topology = None
             if "topology" in meta:
                 topology = Topology(**orjson.loads(meta["topology"]))

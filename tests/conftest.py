@@ -1,0 +1,209 @@
+"""Shared fixtures: registration bodies, the app over ASGI, and real server processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from prefill_bootstrap.client.protocol import SERVER_INFO_QUERY
+
+SERVER_START_DEADLINE = 20.0
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def sglang_registration(**overrides: Any) -> dict[str, Any]:
+    """A ``PUT /route`` body exactly as an SGLang 0.5.23 prefill rank sends it."""
+    body: dict[str, Any] = {
+        "attn_tp_size": 2,
+        "attn_tp_rank": 0,
+        "attn_cp_size": 1,
+        "attn_cp_rank": 0,
+        "attn_dp_size": 1,
+        "attn_dp_rank": 0,
+        "pp_size": 1,
+        "pp_rank": 0,
+        "system_dp_size": 1,
+        "system_dp_rank": 0,
+        "rank_ip": "10.0.0.1",
+        "rank_port": 41000,
+        "page_size": 16,
+        "kv_cache_dtype": "auto",
+        "kv_layout": None,
+        "dsv41_spec_layout": None,
+        "load_balance_method": "auto",
+        "enable_dsa_cache_layer_split": False,
+        "enable_kv_cache_sharding": False,
+        "prefill_http_port": 30000,
+        "decode_allocation_policy": "early",
+    }
+    body.update(overrides)
+    return body
+
+
+@pytest.fixture
+def registration() -> Callable[..., dict[str, Any]]:
+    return sglang_registration
+
+
+def info_query() -> dict[str, str]:
+    return dict(SERVER_INFO_QUERY)
+
+
+def cell_query(dp: int, cp: int, tp: int, pp: int) -> dict[str, str]:
+    return {
+        "prefill_dp_rank": str(dp),
+        "prefill_cp_rank": str(cp),
+        "target_tp_rank": str(tp),
+        "target_pp_rank": str(pp),
+    }
+
+
+@pytest.fixture(params=["fast-path", "fastapi-only"])
+async def api(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClient]:
+    """The server in memory behind ``httpx.ASGITransport``.
+
+    Parametrised so every API test runs against both the lean hot path and the plain FastAPI
+    routes: the two must answer identically.
+    """
+    from prefill_bootstrap.service import ServerSettings, create_app
+    from prefill_bootstrap.service.store import MemoryStore
+
+    app = create_app(
+        ServerSettings(state_dir=None), MemoryStore(), fast_path=request.param == "fast-path"
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://bootstrap") as client:
+        client.app = app  # type: ignore[attr-defined]
+        yield client
+    app.registry.close()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_health(url: str, deadline: float, process: subprocess.Popen | None = None) -> None:
+    """Poll ``/health`` until it answers 200; fail with the server's output if it never does."""
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode} before it was healthy")
+        try:
+            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.05)
+    raise AssertionError(f"server at {url} not healthy before the deadline: {last}")
+
+
+@dataclass
+class ServerProcess:
+    """A real ``prefill-bootstrap serve`` subprocess on a loopback port."""
+
+    host: str
+    port: int
+    state_dir: Path | None
+    log_path: Path
+    extra_args: list[str] = field(default_factory=list)
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        shown = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{shown}:{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "prefill_bootstrap.client.cli",
+            "serve",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--state-dir",
+            str(self.state_dir) if self.state_dir else "",
+            *self.extra_args,
+        ]
+
+    def start(self, wait: bool = True) -> ServerProcess:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            self.command(), stdout=log, stderr=subprocess.STDOUT, env={**os.environ}
+        )
+        log.close()
+        if wait:
+            wait_for_health(self.url, time.monotonic() + SERVER_START_DEADLINE, self.process)
+        return self
+
+    def kill(self) -> None:
+        """``kill -9``: no shutdown hooks, no flush; what was acknowledged must survive."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def terminate(self, timeout: float = 10) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    def restart(self) -> ServerProcess:
+        self.kill()
+        return self.start()
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Start real servers; every one still running is killed at teardown."""
+    started: list[ServerProcess] = []
+
+    def start(
+        *extra_args: str,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        durable: bool = True,
+        wait: bool = True,
+    ) -> ServerProcess:
+        index = len(started)
+        server = ServerProcess(
+            host=host,
+            port=port or free_port(host),
+            state_dir=tmp_path / f"state-{index}" if durable else None,
+            log_path=tmp_path / f"server-{index}.log",
+            extra_args=list(extra_args),
+        )
+        started.append(server)
+        return server.start(wait=wait)
+
+    yield start
+    for server in started:
+        server.kill()
+
+
+@pytest.fixture
+def server(server_factory: Callable[..., ServerProcess]) -> ServerProcess:
+    """One real durable server on a free loopback port."""
+    return server_factory()
