@@ -42,7 +42,19 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument("--max-wait-seconds", type=float, help="cap for ?wait= long polls (300)")
     serve.add_argument("--backlog", type=int, help="listen backlog (4096)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", choices=["text", "json"], help="log line format (text)")
     serve.add_argument("--access-log", action="store_true", default=None, help="log every request")
+    serve.add_argument(
+        "--auth-token",
+        help="require 'Authorization: Bearer <token>' on writes (prefer the environment: "
+        "PREFILL_BOOTSTRAP_AUTH_TOKEN or SGLANG_DISAGGREGATION_BOOTSTRAP_AUTH_TOKEN, which "
+        "process listings do not show)",
+    )
+    serve.add_argument(
+        "--auth-reads", action="store_true", default=None, help="require the token on reads too"
+    )
+    serve.add_argument("--ssl-certfile", help="serve HTTPS with this PEM certificate")
+    serve.add_argument("--ssl-keyfile", help="the certificate's PEM private key")
     serve.set_defaults(run=_run_serve)
 
 
@@ -58,6 +70,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     fields = (
         "host", "port", "state_dir", "reset", "room_ttl_seconds", "room_capacity",
         "max_body_bytes", "max_wait_seconds", "backlog", "log_level", "access_log",
+        "log_format", "auth_token", "auth_reads", "ssl_certfile", "ssl_keyfile",
     )  # fmt: skip
     overrides = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
     if isinstance(overrides.get("state_dir"), str) and overrides["state_dir"]:

@@ -15,6 +15,7 @@ __all__ = [
     "CellNotFound",
     "ConfigurationError",
     "DistributedNotInitialized",
+    "LeaseNotHeld",
     "PortInUse",
     "RegistrationFailed",
     "RequestRejected",
@@ -99,6 +100,20 @@ class CellNotFound(BootstrapError):
     def __init__(self, cell: Cell) -> None:
         self.cell = cell
         super().__init__(f"no rank registered cell {format_cell(cell)}")
+
+
+class LeaseNotHeld(BootstrapError):
+    """A heartbeat came from an address that no longer holds the cell."""
+
+    def __init__(self, cell: Cell, holder: Any, offered: Any) -> None:
+        self.cell = cell
+        self.holder = holder
+        self.offered = offered
+        super().__init__(
+            f"cell {format_cell(cell)} is held by {holder.rank_ip}:{holder.rank_port}, not "
+            f"{offered.rank_ip}:{offered.rank_port}; this rank was replaced — stop its heartbeat "
+            "or register again"
+        )
 
 
 class TableIncomplete(BootstrapError):

@@ -37,6 +37,7 @@ __all__ = [
     "DpRankQuery",
     "DpRankRegistration",
     "ErrorBody",
+    "Heartbeat",
     "RankAddress",
     "RankRegistration",
     "ReplacementReport",
@@ -132,6 +133,11 @@ class RankRegistration(BaseModel):
     dsv41_spec_layout: dict[str, Any] | None = None
     decode_allocation_policy: Annotated[str, Field(min_length=1, max_length=64)] | None = None
     prefill_http_port: Port | None = None
+    lease_seconds: Annotated[float, Field(gt=0, le=86400, strict=True)] | None = Field(
+        None,
+        description="ours, not SGLang's: the cell expires unless renewed via POST /heartbeat "
+        "within this many seconds; absent means it never expires",
+    )
 
     @field_validator(*_RANK_OF_SIZE, mode="after")
     @classmethod
@@ -169,6 +175,25 @@ class RankRegistration(BaseModel):
     def wire(self) -> dict[str, Any]:
         """The JSON body exactly as this rank would send it (unset optional keys left out)."""
         return self.model_dump(mode="json", exclude_unset=True)
+
+
+class Heartbeat(BaseModel):
+    """``POST /heartbeat``: a leased rank renews its cell (cheap: nothing is written to disk)."""
+
+    dp: Rank
+    cp: Rank
+    tp: Rank
+    pp: Rank
+    rank_ip: Host
+    rank_port: Port
+
+    @property
+    def cell(self) -> Cell:
+        return Cell(self.dp, self.cp, self.tp, self.pp)
+
+    @property
+    def address(self) -> RankAddress:
+        return RankAddress(rank_ip=self.rank_ip, rank_port=self.rank_port)
 
 
 class DpRankRegistration(BaseModel):
@@ -213,6 +238,9 @@ class CellReport(BaseModel):
     first_registered_at: float = Field(description="unix seconds of the cell's first registration")
     last_registered_at: float = Field(description="unix seconds of the latest registration")
     generation: int = Field(description="1 at first registration, +1 per address change")
+    state: Literal["registered", "expired"] = "registered"
+    lease_seconds: float | None = None
+    lease_expires_at: float | None = None
     extra: dict[str, Any] = Field(default_factory=dict, description="fields we do not interpret")
 
     @property
@@ -254,6 +282,7 @@ class TableReport(BaseModel):
     expected_cells: int | None
     registered_cells: int
     missing_cells: list[Cell]
+    expired_cells: list[Cell] = Field(default_factory=list)
     rows: list[RowReport]
     cells: list[CellReport]
     replacements: list[ReplacementReport]

@@ -64,10 +64,11 @@ def health() -> Reply:
 
 
 def _not_ready(registry: Registry) -> Reply:
+    registry.metrics.not_ready_responses += 1
     return Reply(
         503,
         b"Prefill server not fully registered yet (%d workers registered)."
-        % registry.table.registered_count,
+        % registry.table.live_count,
         TEXT,
     )
 

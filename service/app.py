@@ -7,20 +7,22 @@ functions, so the OpenAPI schema stays truthful and ``fast_path=False`` serves i
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from prefill_bootstrap import __version__
 from prefill_bootstrap.client.protocol import (
     DpRankQuery,
     DpRankRegistration,
     ErrorBody,
+    Heartbeat,
     RankRegistration,
     TableReport,
 )
@@ -31,6 +33,8 @@ from prefill_bootstrap.service.http_errors import (
     install_error_handlers,
     json_response,
 )
+from prefill_bootstrap.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from prefill_bootstrap.service.metrics import render as render_metrics
 from prefill_bootstrap.service.registry import Registry
 from prefill_bootstrap.service.report import readiness, table_report
 from prefill_bootstrap.service.settings import ServerSettings
@@ -38,6 +42,7 @@ from prefill_bootstrap.service.store import StateStore, open_store
 
 __all__ = ["create_app"]
 
+Body = TypeVar("Body", bound=BaseModel)
 TEXT_OK = {"content": {"text/plain": {"example": "OK"}}}
 ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorBody, "description": "a field is missing, mistyped or out of range"},
@@ -57,6 +62,17 @@ def _body_schema(model: type[Any]) -> dict[str, Any]:
     }
 
 
+async def _parse(request: Request, model: type[Body]) -> Body:
+    """Parse a JSON body whatever its content type: SGLang's own server reads any body as JSON,
+    and curl users forget the header. Errors take the same 422 path as FastAPI's own."""
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
+        ) from exc
+
+
 WaitSeconds = Annotated[
     float,
     Query(ge=0, le=3600, description="long-poll: answer as soon as complete, or after this long"),
@@ -68,16 +84,21 @@ def create_app(
     store: StateStore | None = None,
     *,
     fast_path: bool = True,
+    clock: Callable[[], float] = time.time,
 ) -> Any:
-    """Build the server. ``store`` defaults to what ``settings.state_dir`` names."""
+    """Build the server. ``store`` defaults to what ``settings.state_dir`` names; ``clock``
+    (unix seconds) drives leases, room expiry and registration times."""
     settings = settings or ServerSettings()
-    registry = Registry(settings, store if store is not None else open_store(settings.state_dir))
+    store = store if store is not None else open_store(settings.state_dir)
+    registry = Registry(settings, store, clock)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        sweeper = asyncio.create_task(registry.sweep_leases_forever())
         try:
             yield
         finally:
+            sweeper.cancel()
             registry.close()
 
     app = FastAPI(
@@ -103,15 +124,7 @@ def create_app(
         openapi_extra=_body_schema(RankRegistration),
     )
     async def register_rank(request: Request) -> Response:
-        # Parsed here rather than by FastAPI so the content type does not matter: SGLang's own
-        # server reads any body as JSON, and curl users forget the header.
-        try:
-            registration = RankRegistration.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise RequestValidationError(
-                [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
-            ) from exc
-        await registry.register(registration)
+        await registry.register(await _parse(request, RankRegistration))
         return Response(b"OK", media_type="text/plain")
 
     @app.get(
@@ -158,7 +171,7 @@ def create_app(
         openapi_extra=_body_schema(DpRankRegistration),
     )
     async def register_dp_rank(request: Request) -> Response:
-        return _reply(answers.register_dp_rank(registry, await request.body(), time.time()))
+        return _reply(answers.register_dp_rank(registry, await request.body(), registry.clock()))
 
     @app.post(
         "/query_dp_ranks",
@@ -168,7 +181,7 @@ def create_app(
         openapi_extra=_body_schema(DpRankQuery),
     )
     async def query_dp_ranks(request: Request) -> Response:
-        return _reply(answers.query_dp_ranks(registry, await request.body(), time.time()))
+        return _reply(answers.query_dp_ranks(registry, await request.body(), registry.clock()))
 
     @app.get(
         "/health",
@@ -185,6 +198,7 @@ def create_app(
         responses={503: {"description": "incomplete; the body lists the missing cells"}},
     )
     async def ready(wait: WaitSeconds = 0) -> Response:
+        registry.expire_leases()
         if wait:
             await registry.wait_until_complete(wait)
         body = readiness(registry)
@@ -196,6 +210,7 @@ def create_app(
         response_model=TableReport,
     )
     async def prefill_port_table(wait: WaitSeconds = 0) -> Response:
+        registry.expire_leases()
         if wait:
             await registry.wait_until_complete(wait)
         return json_response(table_report(registry))
@@ -207,4 +222,36 @@ def create_app(
     async def reset_table() -> dict[str, str]:
         return {"instance_id": await registry.reset()}
 
-    return FrontDoor(app, registry, settings.max_body_bytes, serve_hot_routes=fast_path)
+    @app.post(
+        "/heartbeat",
+        summary="A leased rank renews its cell (ours, not SGLang's; nothing is written to disk).",
+        responses={
+            404: {"model": ErrorBody, "description": "the cell is not registered: register"},
+            409: {"model": ErrorBody, "description": "another address holds the cell now"},
+            **ERRORS,
+        },
+        openapi_extra=_body_schema(Heartbeat),
+    )
+    async def heartbeat(request: Request) -> Response:
+        beat = await _parse(request, Heartbeat)
+        return json_response({"lease_expires_at": registry.renew(beat)})
+
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics: cells, readiness, registrations by outcome, rooms, latency.",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}}},
+    )
+    async def metrics() -> Response:
+        registry.expire_leases()
+        return Response(render_metrics(registry), media_type=METRICS_CONTENT_TYPE.decode())
+
+    token = settings.auth_token.get_secret_value() if settings.auth_token else None
+    return FrontDoor(
+        app,
+        registry,
+        settings.max_body_bytes,
+        serve_hot_routes=fast_path,
+        auth_token=token,
+        auth_reads=settings.auth_reads,
+    )

@@ -1,14 +1,18 @@
-"""A lean ASGI layer in front of the FastAPI app.
+"""A lean ASGI layer in front of the FastAPI app: the one door every request passes.
 
-It does two jobs. It caps every request body (413 before the app reads a byte more than the cap),
-and it answers the protocol's hot routes (``GET /route``, ``GET /health``, ``POST
-/register_dp_rank``, ``POST /query_dp_ranks``) itself, with the same answer functions the FastAPI
-routes use: FastAPI's per-request routing and validation cost several times the work of these
-answers, and decode workers call them once per request served.
+It does four cheap jobs for every route: checks the bearer token (writes always, reads when
+configured), caps the request body (413 before reading more than the cap), stamps the instance id
+header on every response, and times the request for ``/metrics``. And it answers the protocol's
+hot routes (``GET /route``, ``GET /health``, ``POST /register_dp_rank``, ``POST
+/query_dp_ranks``) itself, with the same answer functions the FastAPI routes use: FastAPI's
+per-request routing and validation cost several times the work of these answers, and decode
+workers call them once per request served.
 """
 
 from __future__ import annotations
 
+import hmac
+import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -17,14 +21,34 @@ from urllib.parse import parse_qsl
 from prefill_bootstrap.service import answers
 from prefill_bootstrap.service.registry import Registry
 
-__all__ = ["FrontDoor"]
+__all__ = ["INSTANCE_HEADER", "FrontDoor"]
+
+log = logging.getLogger("prefill_bootstrap.server")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
+INSTANCE_HEADER = b"x-sglang-disaggregation-instance-id"
+"""The header SGLang discussed for "the prefill behind this address was replaced"."""
+
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_WRITES = frozenset(
+    {
+        ("PUT", "/route"),
+        ("POST", "/register_dp_rank"),
+        ("POST", "/heartbeat"),
+        ("DELETE", "/prefill_port_table"),
+    }
+)
+_OPEN_WITH_AUTH_READS = frozenset({"/health"})  # liveness probes carry no token
+_KNOWN_ROUTES = frozenset(
+    {
+        "/route", "/health", "/ready", "/prefill_port_table", "/register_dp_rank",
+        "/query_dp_ranks", "/heartbeat", "/metrics", "/docs", "/openapi.json",
+    }
+)  # fmt: skip
 
 
 class BodyTooLarge(Exception):
@@ -53,28 +77,19 @@ async def _read_body(receive: Receive, limit: int, declared: int | None) -> byte
             return b"".join(chunks)
 
 
-def _content_length(scope: Scope) -> int | None:
+def _header(scope: Scope, wanted: bytes) -> bytes | None:
     for name, value in scope["headers"]:
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
+        if name == wanted:
+            return value
     return None
 
 
-async def _send(send: Send, reply: answers.Reply) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": reply.status,
-            "headers": [
-                (b"content-type", reply.content_type),
-                (b"content-length", str(len(reply.body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": reply.body})
+def _content_length(scope: Scope) -> int | None:
+    value = _header(scope, b"content-length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -93,47 +108,119 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 class FrontDoor:
     def __init__(
-        self, app: Any, registry: Registry, max_body_bytes: int, *, serve_hot_routes: bool = True
+        self,
+        app: Any,
+        registry: Registry,
+        max_body_bytes: int,
+        *,
+        serve_hot_routes: bool = True,
+        auth_token: str | None = None,
+        auth_reads: bool = False,
     ) -> None:
         self.app = app
         self.registry = registry
         self.max_body_bytes = max_body_bytes
         self.serve_hot_routes = serve_hot_routes
+        self._token = f"Bearer {auth_token}".encode() if auth_token else None
+        self.auth_reads = auth_reads
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
         method, path = scope["method"], scope["path"]
+        status = await self._handle(scope, receive, send, method, path)
+        route = path if path in _KNOWN_ROUTES else "other"
+        metrics = self.registry.metrics
+        metrics.observe(route, method, time.perf_counter() - started)
+        if method == "PUT" and path == "/route" and status in (400, 413, 422):
+            metrics.registrations["invalid"] += 1
+
+    async def _handle(
+        self, scope: Scope, receive: Receive, send: Send, method: str, path: str
+    ) -> int:
+        if self._token is not None and self._needs_token(method, path):
+            refusal = self._check_token(scope, method, path)
+            if refusal is not None:
+                return await self._send(send, refusal)
         hot = self.serve_hot_routes
         if hot and method == "GET":
             if path == "/route":
                 params = dict(parse_qsl(scope["query_string"].decode("latin-1")))
-                await _send(send, answers.route_lookup(self.registry, params))
-                return
+                return await self._send(send, answers.route_lookup(self.registry, params))
             if path == "/health":
-                await _send(send, answers.health())
-                return
-        if method not in _WITH_BODY:
-            await self.app(scope, receive, send)
-            return
-        try:
-            body = await _read_body(receive, self.max_body_bytes, _content_length(scope))
-        except BodyTooLarge:
-            await _send(send, _too_large(self.max_body_bytes))
-            return
-        except ClientGone:
-            return
-        if hot and method == "POST":
-            if path == "/register_dp_rank":
-                reply = answers.register_dp_rank(self.registry, body, time.time())
-                await _send(send, reply)
-                return
-            if path == "/query_dp_ranks":
-                reply = answers.query_dp_ranks(self.registry, body, time.time())
-                await _send(send, reply)
-                return
-        await self.app(scope, _replay(body, receive), send)
+                return await self._send(send, answers.health())
+        if method in _WITH_BODY:
+            try:
+                body = await _read_body(receive, self.max_body_bytes, _content_length(scope))
+            except BodyTooLarge:
+                return await self._send(send, _too_large(self.max_body_bytes))
+            except ClientGone:
+                return 499
+            if hot and method == "POST":
+                if path == "/register_dp_rank":
+                    reply = answers.register_dp_rank(self.registry, body, self.registry.clock())
+                    return await self._send(send, reply)
+                if path == "/query_dp_ranks":
+                    reply = answers.query_dp_ranks(self.registry, body, self.registry.clock())
+                    return await self._send(send, reply)
+            receive = _replay(body, receive)
+        return await self._forward(scope, receive, send)
+
+    def _needs_token(self, method: str, path: str) -> bool:
+        if (method, path) in _WRITES:
+            return True
+        return self.auth_reads and path not in _OPEN_WITH_AUTH_READS
+
+    def _check_token(self, scope: Scope, method: str, path: str) -> answers.Reply | None:
+        offered = _header(scope, b"authorization")
+        assert self._token is not None
+        if offered is not None and hmac.compare_digest(offered, self._token):
+            return None
+        self.registry.metrics.unauthorized += 1
+        if method == "PUT" and path == "/route":
+            self.registry.metrics.registrations["unauthorized"] += 1
+        problem = "was missing" if offered is None else "did not match"
+        client = scope.get("client") or ("?", 0)
+        log.warning("Refused %s %s from %s: the bearer token %s.", method, path, client[0], problem)
+        return answers.error_reply(
+            401,
+            "unauthorized",
+            f"{method} {path} needs 'Authorization: Bearer <token>' with the server's token "
+            f"(--auth-token / PREFILL_BOOTSTRAP_AUTH_TOKEN); the token {problem}",
+        )
+
+    async def _send(self, send: Send, reply: answers.Reply) -> int:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": reply.status,
+                "headers": [
+                    (b"content-type", reply.content_type),
+                    (b"content-length", b"%d" % len(reply.body)),
+                    (INSTANCE_HEADER, self.registry.instance_id.encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": reply.body})
+        return reply.status
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send) -> int:
+        status = 500
+        registry = self.registry
+
+        async def stamped(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((INSTANCE_HEADER, registry.instance_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, stamped)
+        return status
 
 
 def _too_large(limit: int) -> answers.Reply:

@@ -10,7 +10,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prefill_bootstrap.client.errors import StateStoreError, TopologyConflict
+from prefill_bootstrap.client.errors import (
+    CellNotFound,
+    LeaseNotHeld,
+    StateStoreError,
+    TopologyConflict,
+)
 
 __all__ = ["error_response", "install_error_handlers", "json_response"]
 
@@ -70,6 +75,16 @@ async def _on_conflict(_: Request, exc: TopologyConflict) -> Response:
     )
 
 
+async def _on_cell_not_found(_: Request, exc: CellNotFound) -> Response:
+    return error_response(
+        404, "cell_not_found", f"{exc}; register the rank (PUT /route) before renewing its lease"
+    )
+
+
+async def _on_lease_not_held(_: Request, exc: LeaseNotHeld) -> Response:
+    return error_response(409, "lease_not_held", str(exc))
+
+
 async def _on_store_error(_: Request, exc: StateStoreError) -> Response:
     return error_response(
         503, "state_not_durable", f"{exc}; the request was not acknowledged, retry it"
@@ -87,4 +102,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _on_validation)  # type: ignore[arg-type]
     app.add_exception_handler(TopologyConflict, _on_conflict)  # type: ignore[arg-type]
     app.add_exception_handler(StateStoreError, _on_store_error)  # type: ignore[arg-type]
+    app.add_exception_handler(CellNotFound, _on_cell_not_found)  # type: ignore[arg-type]
+    app.add_exception_handler(LeaseNotHeld, _on_lease_not_held)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _on_http_error)  # type: ignore[arg-type]

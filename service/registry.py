@@ -15,7 +15,8 @@ from typing import Any
 import orjson
 
 from prefill_bootstrap.client.errors import TopologyConflict, format_cell
-from prefill_bootstrap.client.protocol import RankRegistration
+from prefill_bootstrap.client.protocol import Cell, Heartbeat, RankRegistration
+from prefill_bootstrap.service.metrics import Metrics
 from prefill_bootstrap.service.rooms import RoomTable
 from prefill_bootstrap.service.settings import ServerSettings
 from prefill_bootstrap.service.store import (
@@ -49,9 +50,10 @@ class Registry:
             store.write([new_instance_id()])
         stored = store.load()
         self.instance_id = stored.instance_id
-        self.table = PortTable.restore(stored.snapshot)
+        self.table = PortTable.restore(stored.snapshot, now=clock())
         self.rooms = RoomTable(settings.room_ttl_seconds, settings.room_capacity)
         self.writer = GroupCommitWriter(store)
+        self.metrics = Metrics()
         self._changed = asyncio.Event()
         self._cache_version = -1
         self._cache: dict[Any, bytes] = {}
@@ -71,6 +73,7 @@ class Registry:
         try:
             done = self.table.register(registration, self.clock())
         except TopologyConflict as conflict:
+            self.metrics.registrations["conflict"] += 1
             log.warning(
                 "Refused rank %s for cell %s: %s",
                 _address(registration.rank_ip, registration.rank_port),
@@ -87,9 +90,44 @@ class Registry:
             changes.append(self.table.replacements[-1])
         changes.append(done.record)
         await self._persist(changes)
+        self.metrics.registrations[done.outcome.value] += 1
         self._notify()
         self._log_registration(done)
         return done
+
+    def renew(self, heartbeat: Heartbeat) -> float | None:
+        """A leased rank's heartbeat; kept in memory only, so it costs no disk write."""
+        was_expired = self.table.is_expired(heartbeat.cell)
+        expires_at = self.table.renew(heartbeat.cell, heartbeat.address, self.clock())
+        if was_expired:
+            log.info(
+                "Cell %s at %s is live again after its lease had expired.",
+                format_cell(heartbeat.cell),
+                _address(heartbeat.rank_ip, heartbeat.rank_port),
+            )
+            self._notify()
+        return expires_at
+
+    def expire_leases(self) -> list[Cell]:
+        expired = self.table.expire_leases(self.clock())
+        for cell in expired:
+            record = self.table.lookup(cell)
+            log.warning(
+                "Lease of cell %s at %s expired: no heartbeat for %.1fs; the cell counts as "
+                "missing until the rank renews or registers again.",
+                format_cell(cell),
+                _address(record.address.rank_ip, record.address.rank_port),
+                record.lease_seconds or 0.0,
+            )
+        if expired:
+            self._notify()
+        return expired
+
+    async def sweep_leases_forever(self) -> None:
+        """Background task (started by the app's lifespan) so hot reads see expiry promptly."""
+        while True:
+            await asyncio.sleep(self.settings.lease_sweep_seconds)
+            self.expire_leases()
 
     async def reset(self) -> str:
         instance_id = new_instance_id()

@@ -25,6 +25,7 @@ def table_report(registry: Registry) -> dict[str, Any]:
         "expected_cells": table.expected_count,
         "registered_cells": table.registered_count,
         "missing_cells": [list(cell) for cell in table.missing_cells()],
+        "expired_cells": [list(cell) for cell in table.expired_cells()],
         "rows": [
             {"dp": dp, "expected": per_row, "registered": count, "complete": count >= per_row}
             for dp, count in sorted(table.row_counts().items())
@@ -40,6 +41,9 @@ def table_report(registry: Registry) -> dict[str, Any]:
                 "first_registered_at": record.first_registered_at,
                 "last_registered_at": record.last_registered_at,
                 "generation": record.generation,
+                "state": "expired" if table.is_expired(record.cell) else "registered",
+                "lease_seconds": record.lease_seconds,
+                "lease_expires_at": table.lease_expires_at(record.cell),
                 "extra": record.extra,
             }
             for record in table.records()
@@ -80,4 +84,5 @@ def readiness(registry: Registry) -> dict[str, Any]:
         "expected_cells": table.expected_count,
         "registered_cells": table.registered_count,
         "missing_cells": [list(cell) for cell in table.missing_cells()],
+        "expired_cells": [list(cell) for cell in table.expired_cells()],
     }

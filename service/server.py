@@ -17,9 +17,10 @@ import uvicorn
 
 from prefill_bootstrap.client.errors import ConfigurationError, PortInUse
 from prefill_bootstrap.service.app import create_app
+from prefill_bootstrap.service.logs import configure_logging
 from prefill_bootstrap.service.settings import ServerSettings
 
-__all__ = ["bind_socket", "configure_logging", "serve"]
+__all__ = ["bind_socket", "serve"]
 
 log = logging.getLogger("prefill_bootstrap.server")
 
@@ -59,22 +60,16 @@ class _Server(uvicorn.Server):
         log.info("Received %s; finishing requests and closing the state.", signal.Signals(sig).name)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
 def serve(settings: ServerSettings) -> None:
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     sock = bind_socket(settings.host, settings.port, settings.backlog)
     app = create_app(settings)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     registry = app.registry
     log.info(
-        "prefill-bootstrap listening on http://%s:%d (state: %s%s, instance %s, %d/%s cells).",
+        "prefill-bootstrap listening on %s://%s:%d (state: %s%s, instance %s, %d/%s cells%s).",
+        settings.scheme,
         shown,
         port,
         registry.store.kind,
@@ -82,6 +77,7 @@ def serve(settings: ServerSettings) -> None:
         registry.instance_id,
         registry.table.registered_count,
         registry.table.expected_count,
+        ", writes need the bearer token" if settings.auth_token else "",
     )
     config = uvicorn.Config(
         app,
@@ -90,6 +86,8 @@ def serve(settings: ServerSettings) -> None:
         backlog=settings.backlog,
         timeout_graceful_shutdown=5,
         log_config=None,
+        ssl_certfile=settings.ssl_certfile,
+        ssl_keyfile=settings.ssl_keyfile,
     )
     _Server(config).run(sockets=[sock])
     log.info("prefill-bootstrap stopped cleanly.")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from prefill_bootstrap.client.protocol import DEFAULT_PORT, MAX_BODY_BYTES
@@ -19,7 +19,12 @@ DEFAULT_STATE_DIR = Path("prefill-bootstrap-state")
 
 
 class ServerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PREFILL_BOOTSTRAP_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="PREFILL_BOOTSTRAP_",
+        frozen=True,
+        extra="ignore",
+        populate_by_name=True,
+    )
 
     host: str = Field("127.0.0.1", description="address to listen on; '::' for IPv6")
     port: Annotated[int, Field(ge=0, le=65535)] = Field(
@@ -46,7 +51,43 @@ class ServerSettings(BaseSettings):
         4096, description="listen backlog: a whole group registers within the same second"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="'json' writes one JSON object per log line"
+    )
     access_log: bool = Field(False, description="log every request (noisy under load)")
+    auth_token: SecretStr | None = Field(
+        None,
+        description="bearer token required on writes (and reads with auth_reads)",
+        validation_alias=AliasChoices(
+            "PREFILL_BOOTSTRAP_AUTH_TOKEN",
+            "SGLANG_DISAGGREGATION_BOOTSTRAP_AUTH_TOKEN",
+        ),
+    )
+    auth_reads: bool = Field(False, description="require the token on reads too")
+    ssl_certfile: Path | None = Field(None, description="serve HTTPS with this certificate")
+    ssl_keyfile: Path | None = Field(None, description="private key of ssl_certfile")
+    lease_sweep_seconds: Annotated[float, Field(gt=0)] = Field(
+        1.0, description="how often expired rank leases are looked for"
+    )
+
+    @field_validator("auth_token", mode="before")
+    @classmethod
+    def _empty_token_means_none(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _tls_needs_both_files(self) -> ServerSettings:
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile must be given together")
+        if self.auth_reads and self.auth_token is None:
+            raise ValueError("auth_reads needs an auth_token")
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ssl_certfile else "http"
 
     @field_validator("state_dir", mode="before")
     @classmethod

