@@ -6,6 +6,7 @@ packages=(
     iproute2   # ip netns: the multi-host tests
     procps     # pkill/ps used by test clean-up
     curl       # the README tour and container checks
+    chromium   # the status page test drives a real headless browser
 )
 
 missing=()

@@ -39,6 +39,7 @@ from prefill_bootstrap.service.registry import Registry
 from prefill_bootstrap.service.report import readiness, table_report
 from prefill_bootstrap.service.settings import ServerSettings
 from prefill_bootstrap.service.store import StateStore, open_store
+from prefill_bootstrap.service.ui_routes import install_ui
 
 __all__ = ["create_app"]
 
@@ -109,6 +110,7 @@ def create_app(
     )
     app.state.registry = registry
     install_error_handlers(app)
+    install_ui(app)
 
     @app.put(
         "/route",

@@ -20,6 +20,7 @@ from urllib.parse import parse_qsl
 
 from prefill_bootstrap.service import answers
 from prefill_bootstrap.service.registry import Registry
+from prefill_bootstrap.service.ui_routes import UI_PATHS
 
 __all__ = ["INSTANCE_HEADER", "FrontDoor"]
 
@@ -42,11 +43,11 @@ _WRITES = frozenset(
         ("DELETE", "/prefill_port_table"),
     }
 )
-_OPEN_WITH_AUTH_READS = frozenset({"/health"})  # liveness probes carry no token
+_OPEN_WITH_AUTH_READS = UI_PATHS | {"/health"}  # probes carry no token; the page asks for it
 _KNOWN_ROUTES = frozenset(
     {
         "/route", "/health", "/ready", "/prefill_port_table", "/register_dp_rank",
-        "/query_dp_ranks", "/heartbeat", "/metrics", "/docs", "/openapi.json",
+        "/query_dp_ranks", "/heartbeat", "/metrics", "/docs", "/openapi.json", *UI_PATHS,
     }
 )  # fmt: skip
 
