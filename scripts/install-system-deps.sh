@@ -7,6 +7,11 @@ packages=(
     procps     # pkill/ps used by test clean-up
     curl       # the README tour and container checks
     chromium   # the status page test drives a real headless browser
+    buildah    # the sidecar image: built offline by scripts/build-image.sh
+    podman     # ... and run by tests/test_container_image.py
+    runc       # podman's OCI runtime here
+    catatonit  # podman run --init
+    mmdebstrap # the local Debian base image (no container registry to pull one from)
 )
 
 missing=()
