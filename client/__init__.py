@@ -1,5 +1,90 @@
 """The rank side of prefill-bootstrap: wire models, port sync, HTTP clients, the CLI.
 
 Importing this package never imports torch (the port broadcast imports it when called) nor the
-server's dependencies.
+server's dependencies. Names are loaded on first use, so ``import prefill_bootstrap.client`` stays
+cheap for processes that only need the wire models.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__all__ = [
+    "DEFAULT_RETRY",
+    "AsyncBootstrapClient",
+    "BootstrapClient",
+    "BootstrapError",
+    "ConfigurationError",
+    "DistributedNotInitialized",
+    "PortSyncFailed",
+    "RankAddress",
+    "RankRegistration",
+    "RegistrationFailed",
+    "RequestRejected",
+    "RetryPolicy",
+    "ServerUnreachable",
+    "TableIncomplete",
+    "TableReport",
+    "bootstrap_prefill_rank",
+    "bootstrap_url",
+    "render_table",
+    "resolve_bootstrap_host",
+    "sync_bootstrap_port",
+]
+
+_HOME = {
+    "DEFAULT_RETRY": "retry",
+    "RetryPolicy": "retry",
+    "AsyncBootstrapClient": "http",
+    "BootstrapClient": "http",
+    "BootstrapError": "errors",
+    "ConfigurationError": "errors",
+    "DistributedNotInitialized": "errors",
+    "PortSyncFailed": "errors",
+    "RegistrationFailed": "errors",
+    "RequestRejected": "errors",
+    "ServerUnreachable": "errors",
+    "TableIncomplete": "errors",
+    "RankAddress": "protocol",
+    "RankRegistration": "protocol",
+    "TableReport": "protocol",
+    "bootstrap_prefill_rank": "bootstrap",
+    "bootstrap_url": "addresses",
+    "resolve_bootstrap_host": "addresses",
+    "render_table": "grid",
+    "sync_bootstrap_port": "port_sync",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:
+    from prefill_bootstrap.client.addresses import bootstrap_url, resolve_bootstrap_host
+    from prefill_bootstrap.client.bootstrap import bootstrap_prefill_rank
+    from prefill_bootstrap.client.errors import (
+        BootstrapError,
+        ConfigurationError,
+        DistributedNotInitialized,
+        PortSyncFailed,
+        RegistrationFailed,
+        RequestRejected,
+        ServerUnreachable,
+        TableIncomplete,
+    )
+    from prefill_bootstrap.client.grid import render_table
+    from prefill_bootstrap.client.http import AsyncBootstrapClient, BootstrapClient
+    from prefill_bootstrap.client.port_sync import sync_bootstrap_port
+    from prefill_bootstrap.client.protocol import RankAddress, RankRegistration, TableReport
+    from prefill_bootstrap.client.retry import DEFAULT_RETRY, RetryPolicy

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from prefill_bootstrap import __version__
+from prefill_bootstrap.client.commands import add_rank_commands
 from prefill_bootstrap.client.errors import BootstrapError
 
 __all__ = ["build_parser", "main"]
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(commands)
+    add_rank_commands(commands)
     return parser
 
 

@@ -17,12 +17,14 @@ __all__ = [
     "DistributedNotInitialized",
     "LeaseNotHeld",
     "PortInUse",
+    "PortSyncFailed",
     "RegistrationFailed",
     "RequestRejected",
     "ServerUnreachable",
     "StateStoreError",
     "TableIncomplete",
     "TopologyConflict",
+    "UnexpectedAnswer",
     "format_cell",
 ]
 
@@ -200,3 +202,31 @@ class RegistrationFailed(ServerUnreachable):
         self.host = host
         self.port = port
         super().__init__(url, attempts, elapsed, last_cause, hint, action="registration")
+
+
+class PortSyncFailed(BootstrapError):
+    """The broadcast of the leader's bootstrap port failed inside torch.distributed."""
+
+    def __init__(self, rank: int | None, backend: str, cause: str) -> None:
+        self.rank = rank
+        self.backend = backend
+        self.cause = cause
+        who = f"rank {rank}" if rank is not None else "this rank"
+        super().__init__(
+            f"{who} could not receive the leader's bootstrap port over torch.distributed "
+            f"({backend}): {cause}; every rank of the group must call sync_bootstrap_port at the "
+            "same point of start-up — check that no rank exited or skipped it"
+        )
+
+
+class UnexpectedAnswer(BootstrapError):
+    """The server answered in a shape this client does not understand (not a bootstrap server?)."""
+
+    def __init__(self, url: str, status_code: int, problem: str) -> None:
+        self.url = url
+        self.status_code = status_code
+        self.problem = problem
+        super().__init__(
+            f"{url} answered HTTP {status_code} with a body this client cannot read ({problem}); "
+            "is the URL a prefill-bootstrap server of a compatible version?"
+        )

@@ -1,0 +1,73 @@
+"""``bootstrap_prefill_rank``: what an engine calls once per prefill rank at start-up.
+
+Three steps, in this order, each of which fails loudly instead of leaving a hole in the table:
+
+1. take the leader's bootstrap port (``sync_bootstrap_port``; a collective in multi-node mode);
+2. register this rank's cell at the leader (retried while the server is not up yet);
+3. wait until every cell of the group is registered, so a missing rank is reported here, by
+   cell, and not later by a decode worker as a 404.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from prefill_bootstrap.client.addresses import bootstrap_url, resolve_bootstrap_host
+from prefill_bootstrap.client.http import DEFAULT_TIMEOUT, BootstrapClient
+from prefill_bootstrap.client.port_sync import current_rank, sync_bootstrap_port
+from prefill_bootstrap.client.protocol import RankRegistration, TableReport
+from prefill_bootstrap.client.retry import DEFAULT_RETRY, RetryPolicy
+
+__all__ = ["DEFAULT_WAIT_TIMEOUT", "bootstrap_prefill_rank"]
+
+DEFAULT_WAIT_TIMEOUT = 300.0
+"""Seconds to wait for the whole group: nodes finish loading weights minutes apart."""
+
+
+def bootstrap_prefill_rank(
+    registration: RankRegistration | Mapping[str, Any],
+    *,
+    local_port: int,
+    dist_init_addr: str | None = None,
+    nnodes: int | None = 1,
+    local_host: str = "127.0.0.1",
+    group: Any = None,
+    wait_timeout: float | None = DEFAULT_WAIT_TIMEOUT,
+    retry: RetryPolicy = DEFAULT_RETRY,
+    auth_token: str | None = None,
+    scheme: str = "http",
+    verify: Any = True,
+    request_timeout: float = DEFAULT_TIMEOUT,
+    transport: httpx.BaseTransport | None = None,
+) -> TableReport:
+    """Sync the port, register, wait for the complete table; return the final table report.
+
+    ``local_port`` is this node's ``--disaggregation-bootstrap-port``; ``local_host`` is where the
+    server is in single-node mode (wildcards become loopback). ``wait_timeout=None`` skips the
+    wait and returns the table as it is right after registering.
+
+    Raises ``DistributedNotInitialized`` (multi-node without torch.distributed),
+    ``RegistrationFailed`` (server unreachable past the retry policy), ``RequestRejected`` (the
+    server refused the registration, e.g. 409 topology conflict) or ``TableIncomplete`` (naming
+    the missing cells).
+    """
+    port = sync_bootstrap_port(
+        local_port, dist_init_addr=dist_init_addr, nnodes=nnodes, group=group
+    )
+    host = resolve_bootstrap_host(dist_init_addr, local_host, nnodes=nnodes)
+    with BootstrapClient(
+        bootstrap_url(host, port, scheme),
+        timeout=request_timeout,
+        retry=retry,
+        auth_token=auth_token,
+        transport=transport,
+        verify=verify,
+        rank=current_rank(),
+    ) as client:
+        client.register(registration)
+        if wait_timeout is None:
+            return client.table()
+        return client.wait_until_complete(wait_timeout)

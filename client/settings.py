@@ -1,0 +1,58 @@
+"""Rank-side CLI settings from one place: defaults < ``PREFILL_BOOTSTRAP_*`` environment < flags.
+
+The token shares its variables with the server (``PREFILL_BOOTSTRAP_AUTH_TOKEN`` or SGLang's
+``SGLANG_DISAGGREGATION_BOOTSTRAP_AUTH_TOKEN``), so a sidecar and its ranks configured from one
+environment agree without repeating the secret on command lines.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from prefill_bootstrap.client.http import DEFAULT_TIMEOUT
+from prefill_bootstrap.client.protocol import DEFAULT_PORT
+from prefill_bootstrap.client.retry import DEFAULT_RETRY, RetryPolicy
+
+__all__ = ["ClientSettings"]
+
+
+class ClientSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PREFILL_BOOTSTRAP_", frozen=True, extra="ignore", populate_by_name=True
+    )
+
+    url: str = Field(
+        f"http://127.0.0.1:{DEFAULT_PORT}",
+        description="the bootstrap server: http(s)://host:port, host:port, [v6]:port or host",
+    )
+    auth_token: SecretStr | None = Field(
+        None,
+        description="sent as 'Authorization: Bearer <token>'",
+        validation_alias=AliasChoices(
+            "auth_token",
+            "PREFILL_BOOTSTRAP_AUTH_TOKEN",
+            "SGLANG_DISAGGREGATION_BOOTSTRAP_AUTH_TOKEN",
+        ),
+    )
+    cacert: str | None = Field(None, description="PEM CA bundle that signed the server's cert")
+    request_timeout_seconds: Annotated[float, Field(gt=0)] = DEFAULT_TIMEOUT
+    retry_deadline_seconds: Annotated[float, Field(ge=0)] = DEFAULT_RETRY.deadline
+    retry_attempts: Annotated[int, Field(ge=1)] = DEFAULT_RETRY.attempts
+
+    @field_validator("auth_token", mode="before")
+    @classmethod
+    def _empty_token_means_none(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @property
+    def token(self) -> str | None:
+        return self.auth_token.get_secret_value() if self.auth_token else None
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy(deadline=self.retry_deadline_seconds, attempts=self.retry_attempts)
