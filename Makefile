@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 TORCH   = torch==2.13.0
 
-.PHONY: serve test lint format system-deps venv dev clean
+.PHONY: serve test lint format system-deps venv dev clean test-multihost
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,3 +39,7 @@ format: $(BIN)/python
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+
+# Just the multi-host tests: network namespaces as hosts, torch.distributed across them (root).
+test-multihost: dev
+	$(BIN)/pytest -m netns -s

@@ -1,0 +1,169 @@
+"""Hosts made of Linux network namespaces, for tests that must cross a real network.
+
+Each host is a namespace with its own ``lo`` and an ``eth0`` whose peer sits on a bridge inside a
+separate hub namespace, so nothing is added to the root namespace's links. While a network
+exists, the root namespace routes its subnet to ``unreachable``: a command that forgot
+``ip netns exec`` fails here instead of leaving the machine. Names and subnet are unique per run,
+so two runs can coexist; ``close()`` kills every process in every namespace, deletes them and
+removes the route, also after a failed test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Host", "HttpAnswer", "Network", "netns_unavailable_reason"]
+
+SUBNET_PREFIX = "10.233"  # a /24 inside 10.233.0.0/16 per run; reachable only inside the netns
+
+
+def netns_unavailable_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    if shutil.which("ip") is None:
+        return "needs iproute2 (ip)"
+    if shutil.which("curl") is None:
+        return "needs curl"
+    return None
+
+
+def _ip(*args: str) -> None:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)} failed: {result.stderr.strip()}")
+
+
+@dataclass(frozen=True)
+class HttpAnswer:
+    status: int
+    body: str
+
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.body)
+
+
+@dataclass
+class Host:
+    name: str
+    namespace: str
+    address: str
+    hub_port: str
+    network: Network = field(repr=False)
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.namespace, *argv]
+
+    def popen(self, argv: Sequence[str], log: Path, env: dict[str, str] | None = None) -> Any:
+        """Start a process inside this host; output goes to ``log``."""
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                self.command(argv),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "GLOO_SOCKET_IFNAME": "eth0", **(env or {})},
+                start_new_session=True,
+            )
+        self.network.processes.append(process)
+        return process
+
+    def run(self, argv: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.command(argv), capture_output=True, text=True, timeout=timeout, check=False
+        )
+
+    def http(
+        self, method: str, url: str, body: str | None = None, timeout: float = 5
+    ) -> HttpAnswer | None:
+        """One HTTP request from this host (curl inside the namespace); None if it failed."""
+        argv = ["curl", "-s", "-X", method, "-m", str(timeout), "-w", "\n%{http_code}", url]
+        if body is not None:
+            argv += ["-H", "content-type: application/json", "--data-binary", body]
+        result = self.run(argv, timeout=timeout + 5)
+        if result.returncode != 0:
+            return None
+        text, _, status = result.stdout.rpartition("\n")
+        return HttpAnswer(int(status), text)
+
+    def set_link(self, up: bool) -> None:
+        """Cable in or out: the host's port on the hub's bridge."""
+        _ip("-n", self.network.hub, "link", "set", self.hub_port, "up" if up else "down")
+
+
+class Network:
+    def __init__(self, hosts: int) -> None:
+        self.tag = f"pb{os.getpid() % 10000}{random.randrange(1000):03d}"
+        self.subnet_octet = random.randrange(1, 254)
+        self.subnet = f"{SUBNET_PREFIX}.{self.subnet_octet}.0/24"
+        self.hub = f"{self.tag}-hub"
+        self.hosts: list[Host] = []
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self._namespaces: list[str] = []
+        self._route = False
+        try:
+            self._build(hosts)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, count: int) -> None:
+        _ip("route", "add", "unreachable", self.subnet)
+        self._route = True
+        self._add_namespace(self.hub)
+        _ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
+        _ip("-n", self.hub, "link", "set", "br0", "up")
+        for index in range(count):
+            namespace = f"{self.tag}-h{index}"
+            self._add_namespace(namespace)
+            hub_port = f"p{index}"
+            address = f"{SUBNET_PREFIX}.{self.subnet_octet}.{index + 1}"
+            _ip("-n", self.hub, "link", "add", hub_port, "type", "veth",
+                "peer", "name", "eth0", "netns", namespace)  # fmt: skip
+            _ip("-n", self.hub, "link", "set", hub_port, "master", "br0")
+            _ip("-n", self.hub, "link", "set", hub_port, "up")
+            _ip("-n", namespace, "link", "set", "lo", "up")
+            _ip("-n", namespace, "addr", "add", f"{address}/24", "dev", "eth0")
+            _ip("-n", namespace, "link", "set", "eth0", "up")
+            self.hosts.append(Host(f"host{index}", namespace, address, hub_port, self))
+
+    def _add_namespace(self, name: str) -> None:
+        _ip("netns", "add", name)
+        self._namespaces.append(name)
+
+    def close(self) -> None:
+        for process in self.processes:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+        for process in self.processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=10)
+        for namespace in reversed(self._namespaces):
+            pids = subprocess.run(
+                ["ip", "netns", "pids", namespace], capture_output=True, text=True, check=False
+            ).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True, check=False)
+        self._namespaces.clear()
+        if self._route:
+            subprocess.run(
+                ["ip", "route", "del", "unreachable", self.subnet], capture_output=True, check=False
+            )
+            self._route = False
+
+    def __enter__(self) -> Network:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
