@@ -49,6 +49,7 @@ started=$(date +%s)
 #    --variant=essential keeps apt out of the image; the merged-usr hook avoids the usrmerge
 #    package and the perl it drags in. `passwd` provides useradd for the Dockerfile.
 debian_suite=bookworm
+# shellcheck disable=SC2054 # the commas belong to --include
 mmdebstrap_args=(
     --variant=essential
     --include=python3,python3-venv,passwd
@@ -72,7 +73,12 @@ if [ -z "$base" ]; then
             say "making the Debian $debian_suite rootfs with mmdebstrap (about 30 s)"
             mkdir -p "$(dirname "$rootfs")"
             # No mirror argument: mmdebstrap uses Debian's default sources, as apt does here.
-            mmdebstrap --quiet "${mmdebstrap_args[@]}" "$debian_suite" "$rootfs.partial"
+            if ! mmdebstrap "${mmdebstrap_args[@]}" "$debian_suite" "$rootfs.partial" \
+                >"$rootfs.log" 2>&1; then
+                tail -n 40 "$rootfs.log" >&2
+                say "mmdebstrap failed; the whole log is $rootfs.log"
+                exit 1
+            fi
             mv "$rootfs.partial" "$rootfs"
         fi
         say "importing $rootfs as $base"
@@ -104,7 +110,7 @@ say "building the wheelhouse in $wheelhouse_rel"
 own_wheel=$(ls "$wheelhouse"/prefill_bootstrap-*.whl)
 "$python" -m pip download --quiet --disable-pip-version-check --dest "$wheelhouse" \
     --only-binary=:all: --implementation cp --python-version "$py_version" \
-    --abi "cp${py_version/./}" "${platforms[@]}" "$own_wheel[server]"
+    --abi "cp${py_version/./}" "${platforms[@]}" "${own_wheel}[server]"
 
 # 3. The image. --format docker keeps HEALTHCHECK (the OCI format has no such field).
 say "building $tag"
