@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 TORCH   = torch==2.13.0
 
-.PHONY: serve test lint format system-deps venv dev clean test-multihost
+.PHONY: serve test lint format system-deps venv dev clean test-multihost bench bench-smoke bench-profile
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,3 +43,16 @@ clean:
 # Just the multi-host tests: network namespaces as hosts, torch.distributed across them (root).
 test-multihost: dev
 	$(BIN)/pytest -m netns -s
+
+# Benchmarks (issue 8): every phase, 3 runs each, table + JSON in bench/results/ (~15 min).
+bench: dev
+	$(BIN)/python -m bench
+
+# Every phase at toy size in ~10 s: proves the suite works (0 errors), says nothing about speed.
+bench-smoke: dev
+	$(BIN)/python -m bench --smoke
+
+# Where the server's time goes under GET /route and a 4096-rank storm (py-spy).
+bench-profile: dev
+	$(BIN)/pip install --quiet py-spy
+	$(BIN)/python -m bench.profile

@@ -12,6 +12,7 @@ packages=(
     runc       # podman's OCI runtime here
     catatonit  # podman run --init
     mmdebstrap # the local Debian base image (no container registry to pull one from)
+    wrk        # make bench: cross-checks the GET phases with a C load generator
 )
 
 missing=()

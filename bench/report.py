@@ -1,0 +1,200 @@
+"""The results table (ours beside SGLang 0.5.23's figures and the issue's targets) and the JSON.
+
+Targets are shown as met or not for the reader; the suite never fails on speed, only on
+correctness (a failed registration or a wrong answer).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench.phases import PhaseResult, Plan
+from bench.stats import Stat
+
+__all__ = ["Row", "machine", "rows", "table", "write_json"]
+
+
+@dataclass(frozen=True)
+class Row:
+    workload: str
+    ours: str
+    sglang: str
+    target: str
+    met: str
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _git(*args: str) -> str:
+    try:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
+    except OSError:
+        return ""
+    return done.stdout.strip()
+
+
+def machine(pinning: str) -> dict[str, Any]:
+    """What the figures were measured on; the load average says how busy the machine was."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": sys.version.split()[0],
+        "pinning": pinning,
+        "load_average_at_start": os.getloadavg(),
+        "commit": _git("rev-parse", "--short", "HEAD"),
+        "working_tree_dirty": bool(_git("status", "--porcelain", "--", "service", "client")),
+        "somaxconn": _read("/proc/sys/net/core/somaxconn"),
+    }
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return "?"
+
+
+def _met(stat: Stat | None, ok: Callable[[float], bool]) -> str:
+    if stat is None or not stat.runs:
+        return "-"
+    return "yes" if ok(stat.median) else "no"
+
+
+def rows(results: dict[str, PhaseResult], plan: Plan) -> list[Row]:
+    """One row per figure the issue names, in the issue's order."""
+
+    def stat(phase: str, key: str) -> Stat | None:
+        found = results.get(phase)
+        return found.metrics.get(key) if found else None
+
+    def show(value: Stat | None, digits: int, unit: str) -> str:
+        return value.show(digits, unit) if value and value.runs else "not run"
+
+    out: list[Row] = []
+    for ranks in plan.storm_sizes:
+        seconds = stat("storm", f"seconds_{ranks}")
+        failures = stat("storm", f"failures_{ranks}")
+        sglang = {512: "1.135 s", 4096: "3.02 s (2.53..3.46)"}.get(ranks, "-")
+        target = {512: "≤ 0.25 s", 4096: "≤ 1 s"}.get(ranks, "-")
+        limit = {512: 0.25, 4096: 1.0}.get(ranks)
+        failed = f", {int(failures.high)} failed" if failures and failures.high else ", 0 failed"
+        out.append(
+            Row(
+                f"storm: {ranks} ranks at once → complete",
+                show(seconds, 3, "s") + failed,
+                sglang,
+                target,
+                _met(seconds, lambda v, limit=limit: v <= limit) if limit else "-",
+            )
+        )
+    capped = stat("storm_capped", f"seconds_{plan.capped_ranks}_capped_{plan.capped_in_flight}")
+    as_issue = (plan.capped_ranks, plan.capped_in_flight) == (512, 64)
+    out.append(
+        Row(
+            f"storm: {plan.capped_ranks} ranks, ≤ {plan.capped_in_flight} in flight → complete",
+            show(capped, 3, "s"),
+            "0.396 s" if as_issue else "-",
+            "-",
+            "-",
+        )
+    )
+    load = "steady_load"
+    for name, label, sglang, rate_target, p99_target in (
+        ("route", "GET /route single cell", "10,700 req/s, p50 6.0, p99 6.8 ms", 16_000, 5.0),
+        ("health", "GET /health", "-", 16_000, 5.0),
+        ("dp_rank_pairs", "register_dp_rank + query_dp_ranks(32)", "8,200 req/s, p99 10.2 ms",
+         12_000, 8.0),
+    ):  # fmt: skip
+        rate = stat(load, f"{name}_req_per_s")
+        p50, p99 = stat(load, f"{name}_p50_ms"), stat(load, f"{name}_p99_ms")
+        met = "-"
+        if rate and p99 and rate.runs:
+            met = "yes" if rate.median >= rate_target and p99.median <= p99_target else "no"
+        server_cpu = stat(load, f"{name}_server_cpu_pct")
+        client_cpu = stat(load, f"{name}_client_cpu_pct")
+        busy = ""
+        if server_cpu and client_cpu and server_cpu.runs:
+            busy = f" (CPU: server {server_cpu.median:.0f}%, client {client_cpu.median:.0f}%)"
+        out.append(
+            Row(
+                f"{label}, {plan.connections} conns",
+                f"{show(rate, 0, 'req/s')}; p50 {show(p50, 2, 'ms')}; p99 {show(p99, 2, 'ms')}"
+                + busy,
+                sglang,
+                f"≥ {rate_target:,} req/s, p99 ≤ {p99_target:g} ms",
+                met,
+            )
+        )
+    for name, label, sglang in (
+        ("wrk_route", "wrk cross-check: GET /route", "10,800 req/s"),
+        ("wrk_health", "wrk cross-check: GET /health", "-"),
+    ):
+        rate, p99 = stat(load, f"{name}_req_per_s"), stat(load, f"{name}_p99_ms")
+        if rate and rate.runs:
+            out.append(
+                Row(label, f"{show(rate, 0, 'req/s')}; p99 {show(p99, 2, 'ms')}", sglang, "-", "-")
+            )
+    idle = stat("memory", "idle_rss_mb")
+    after = stat("memory", "rooms_rss_mb")
+    rooms = f"{plan.memory_rooms:,}"
+    memory_rows = (
+        ("server RSS idle", idle, "546 MB", "≤ 60 MB", 60.0),
+        (f"server RSS after {plan.memory_ranks}-rank storm", stat("memory", "storm_rss_mb"),
+         "-", "-", None),
+        (f"server RSS after storm + {rooms} rooms", after, "-", "≤ 80 MB", 80.0),
+        (f"server peak (VmHWM) after storm + {rooms} rooms", stat("memory", "rooms_hwm_mb"),
+         "-", "-", None),
+    )  # fmt: skip
+    for label, value, sglang, target, limit in memory_rows:
+        out.append(
+            Row(
+                label,
+                show(value, 1, "MB"),
+                sglang,
+                target,
+                _met(value, lambda v, limit=limit: v <= limit) if limit else "-",
+            )
+        )
+    start = stat("startup", "seconds")
+    out.append(
+        Row(
+            "process start → first /health 200",
+            show(start, 3, "s"),
+            "-",
+            "≤ 1 s",
+            _met(start, lambda v: v <= 1.0),
+        )
+    )
+    return out
+
+
+def table(found: list[Row]) -> str:
+    """A Markdown table, pasted as is into bench/README.md."""
+    lines = [
+        "| workload | ours: median (min..max) | SGLang 0.5.23 | target | met |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {r.workload} | {r.ours} | {r.sglang} | {r.target} | {r.met} |" for r in found]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, document: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))

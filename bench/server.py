@@ -1,0 +1,178 @@
+"""The server under test: a real ``prefill-bootstrap serve`` process, pinned to its own core.
+
+Every storm repetition gets a fresh process and a fresh temporary state directory (durable state
+on, as in production), so no run inherits another's table, page cache warmth aside. The server is
+pinned to core 0 with ``taskset`` and the load generator (this process) to core 1 when the machine
+has two cores, so neither steals the other's CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "Server",
+    "cpu_seconds",
+    "free_port",
+    "memory_mb",
+    "pin_load_generator",
+    "raise_fd_limit",
+    "server_cpus",
+]
+
+START_DEADLINE = 30.0
+
+
+def server_cpus() -> str | None:
+    """The core list for ``taskset``: core 0 when there are two or more, else no pinning."""
+    if len(os.sched_getaffinity(0)) >= 2 and shutil.which("taskset"):
+        return "0"
+    return None
+
+
+def pin_load_generator() -> str:
+    """Pin this process to core 1 (two cores or more); say what was done, for the report."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= 2 and 1 in cores:
+        os.sched_setaffinity(0, {1})
+        return "server on core 0, load generator on core 1"
+    return "not pinned (one core available)"
+
+
+def raise_fd_limit(wanted: int = 16384) -> int:
+    """A 4096-rank storm holds 4096 sockets at once on each side; the server inherits this."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = min(wanted, hard) if hard != resource.RLIM_INFINITY else wanted
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """VmRSS (now) and VmHWM (peak) of a process, in MB (10^6 bytes), from /proc."""
+    values: dict[str, float] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) * 1024 / 1e6
+    return values
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (from /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _health_ok(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            return sock.recv(64).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+@dataclass
+class Server:
+    """One server process on a free loopback port with its own temporary state directory."""
+
+    extra_args: list[str] = field(default_factory=list)
+    durable: bool = True
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    healthy_after: float = 0.0
+    _workdir: tempfile.TemporaryDirectory[str] | None = None
+
+    def command(self) -> list[str]:
+        assert self._workdir is not None
+        state_dir = str(Path(self._workdir.name) / "state") if self.durable else ""
+        command = [
+            sys.executable,
+            "-m",
+            "prefill_bootstrap.client.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--state-dir",
+            state_dir,
+            *self.extra_args,
+        ]
+        cpus = server_cpus()
+        return ["taskset", "-c", cpus, *command] if cpus else command
+
+    @property
+    def log_path(self) -> Path:
+        assert self._workdir is not None
+        return Path(self._workdir.name) / "server.log"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid  # taskset execs the server, so this is the server itself
+
+    def start(self) -> Server:
+        """Start and poll ``/health`` every 2 ms; ``healthy_after`` is start to first 200."""
+        self._workdir = tempfile.TemporaryDirectory(prefix="prefill-bootstrap-bench-")
+        self.port = free_port()
+        with self.log_path.open("wb") as log:
+            self.started_at = time.perf_counter()
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
+        deadline = self.started_at + START_DEADLINE
+        while time.perf_counter() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.logs()}")
+            if _health_ok(self.port):
+                self.healthy_after = time.perf_counter() - self.started_at
+                return self
+            time.sleep(0.002)
+        self.stop()
+        raise RuntimeError(f"server not healthy within {START_DEADLINE}s:\n{self.logs()}")
+
+    def memory(self) -> dict[str, float]:
+        return memory_mb(self.pid)
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        """SIGTERM (the graceful path production uses), SIGKILL if it hangs; then clean up."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

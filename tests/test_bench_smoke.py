@@ -1,0 +1,55 @@
+"""The benchmark suite works: every phase runs at smoke size and sees no error.
+
+Only correctness is asserted (0 failed registrations, 0 wrong answers, 0 errors), never speed:
+CI machines are shared and figures from them mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.payloads import Topology, registration
+from tests.conftest import sglang_registration
+
+REPO = Path(__file__).resolve().parents[1]
+RANK_FIELDS = {
+    "attn_tp_size", "attn_tp_rank", "attn_cp_size", "attn_cp_rank", "attn_dp_size",
+    "attn_dp_rank", "pp_size", "pp_rank", "rank_ip", "rank_port",
+}  # fmt: skip
+
+
+def test_bench_registrations_carry_exactly_what_sglang_sends() -> None:
+    body = registration(Topology(dp=2), (1, 0, 3, 2), index=7)
+    reference = sglang_registration()
+    assert body.keys() == reference.keys()
+    assert {k: v for k, v in body.items() if k not in RANK_FIELDS} == {
+        k: v for k, v in reference.items() if k not in RANK_FIELDS
+    }
+
+
+@pytest.mark.timeout(90)
+def test_bench_smoke_runs_every_phase_without_errors(tmp_path: Path) -> None:
+    out = tmp_path / "smoke.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=80,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    phases = report["phases"]
+    assert set(phases) == {"startup", "storm", "storm_capped", "steady_load", "memory"}
+    assert all(not phase["problems"] for phase in phases.values())
+    storm_runs = phases["storm"]["runs"] + phases["storm_capped"]["runs"]
+    assert storm_runs and all(run["failures"] == 0 for run in storm_runs)
+    (run,) = phases["steady_load"]["runs"]
+    for workload in ("route", "health", "dp_rank_pairs"):
+        assert run[workload]["requests"] > 0
+        assert run[workload]["errors"] == 0
