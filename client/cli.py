@@ -54,6 +54,11 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument(
         "--auth-reads", action="store_true", default=None, help="require the token on reads too"
     )
+    serve.add_argument(
+        "--protocol",
+        choices=["auto", "1", "2", "3"],
+        help="SGLang bootstrap protocol generation: auto (default) detects it per request",
+    )
     serve.add_argument("--ssl-certfile", help="serve HTTPS with this PEM certificate")
     serve.add_argument("--ssl-keyfile", help="the certificate's PEM private key")
     serve.set_defaults(run=_run_serve)
@@ -71,7 +76,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     fields = (
         "host", "port", "state_dir", "reset", "room_ttl_seconds", "room_capacity",
         "max_body_bytes", "max_wait_seconds", "backlog", "log_level", "access_log",
-        "log_format", "auth_token", "auth_reads", "ssl_certfile", "ssl_keyfile",
+        "log_format", "auth_token", "auth_reads", "ssl_certfile", "ssl_keyfile", "protocol",
     )  # fmt: skip
     overrides = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
     if isinstance(overrides.get("state_dir"), str) and overrides["state_dir"]:

@@ -18,6 +18,7 @@ __all__ = [
     "LeaseNotHeld",
     "PortInUse",
     "PortSyncFailed",
+    "ProtocolMismatch",
     "RegistrationFailed",
     "RequestRejected",
     "ServerUnreachable",
@@ -75,6 +76,19 @@ class PortInUse(ConfigurationError):
         super().__init__(
             f"cannot listen on {host}:{port}: {reason}; another process holds this port or the "
             f"address is not local — choose another with {flag} (or PREFILL_BOOTSTRAP_PORT)"
+        )
+
+
+class ProtocolMismatch(BootstrapError):
+    """A request speaks a bootstrap protocol generation the server was pinned not to accept."""
+
+    def __init__(self, pinned: str, offered: str) -> None:
+        self.pinned = pinned
+        self.offered = offered
+        super().__init__(
+            f"this server speaks only SGLang bootstrap protocol generation {pinned} "
+            f"(--protocol {pinned}); the request is generation {offered}: run engines of one "
+            "generation, or start the server with --protocol auto"
         )
 
 

@@ -94,6 +94,19 @@ class Cell(NamedTuple):
     pp: int
 
 
+def rank_inside_its_size(cls: type, rank: int, info: ValidationInfo) -> int:
+    """Field validator for ``*_rank`` fields; each model's size field is declared before its rank,
+    so the size is already in ``info.data`` (and the 422 names the rank field)."""
+    size_field = _RANK_OF_SIZE[info.field_name or ""]
+    size = info.data.get(size_field)
+    if size is not None and rank >= size:
+        raise ValueError(
+            f"{info.field_name}={rank} is outside {size_field}={size} "
+            f"(ranks count from 0 to {size_field}-1)"
+        )
+    return rank
+
+
 class RankAddress(BaseModel):
     """Where one rank's KV-transfer endpoint listens (SGLang's ``PrefillRankInfo``)."""
 
@@ -139,17 +152,7 @@ class RankRegistration(BaseModel):
         "within this many seconds; absent means it never expires",
     )
 
-    @field_validator(*_RANK_OF_SIZE, mode="after")
-    @classmethod
-    def _rank_inside_its_size(cls, rank: int, info: ValidationInfo) -> int:
-        size_field = _RANK_OF_SIZE[info.field_name or ""]
-        size = info.data.get(size_field)
-        if size is not None and rank >= size:
-            raise ValueError(
-                f"{info.field_name}={rank} is outside {size_field}={size} "
-                f"(ranks count from 0 to {size_field}-1)"
-            )
-        return rank
+    _ranks_inside_sizes = field_validator(*_RANK_OF_SIZE, mode="after")(rank_inside_its_size)
 
     @property
     def dp_group(self) -> int:
@@ -241,6 +244,7 @@ class CellReport(BaseModel):
     state: Literal["registered", "expired"] = "registered"
     lease_seconds: float | None = None
     lease_expires_at: float | None = None
+    protocol: str = Field("3", description='SGLang protocol generation: "1", "2a", "2b", "3"')
     extra: dict[str, Any] = Field(default_factory=dict, description="fields we do not interpret")
 
     @property

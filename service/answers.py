@@ -14,8 +14,16 @@ from typing import Any, NamedTuple
 import orjson
 
 from prefill_bootstrap.client.errors import CellNotFound
+from prefill_bootstrap.client.generations import (
+    GEN1_QUERY,
+    GEN2_QUERY,
+    GEN3_QUERY,
+    RELEASES,
+    lookup_generation,
+)
 from prefill_bootstrap.client.protocol import MAX_ROOM, Cell
 from prefill_bootstrap.service.registry import Registry
+from prefill_bootstrap.service.table import older_server_info
 
 __all__ = [
     "JSON",
@@ -31,7 +39,6 @@ __all__ = [
 JSON = b"application/json"
 TEXT = b"text/plain; charset=utf-8"
 _INTEGER = re.compile(r"-?[0-9]{1,12}")
-ROUTE_PARAMS = ("prefill_dp_rank", "prefill_cp_rank", "target_tp_rank", "target_pp_rank")
 
 
 class Reply(NamedTuple):
@@ -41,6 +48,7 @@ class Reply(NamedTuple):
 
 
 OK = Reply(200, b"OK", TEXT)
+MISSING_INPUTS = Reply(400, b"Missing inputs for bootstrap server.", TEXT)
 
 
 def error_reply(
@@ -73,26 +81,51 @@ def _not_ready(registry: Registry) -> Reply:
     )
 
 
-def route_lookup(registry: Registry, params: Mapping[str, str]) -> Reply:
-    """``GET /route``: server info for all ``-1``, else one cell's address."""
-    raw = [params.get(name, "") for name in ROUTE_PARAMS]
+def _parse_ranks(params: Mapping[str, str], names: tuple[str, ...]) -> list[int] | Reply:
+    raw = [params.get(name, "") for name in names]
     if not all(raw):
-        return Reply(400, b"Missing inputs for bootstrap server.", TEXT)
+        return MISSING_INPUTS
     ranks: list[int] = []
-    for name, value in zip(ROUTE_PARAMS, raw, strict=True):
+    for name, value in zip(names, raw, strict=True):
         if not _INTEGER.fullmatch(value):
             return _invalid(name, f"{value[:32]!r} is not an integer", "query")
         ranks.append(int(value))
+    if any(rank != -1 for rank in ranks):
+        for name, rank in zip(names, ranks, strict=True):
+            if rank < 0:
+                return _invalid(name, f"{rank} is negative (only all -1 ask for server info)")
+    return ranks
+
+
+def route_lookup(registry: Registry, params: Mapping[str, str]) -> Reply:
+    """``GET /route`` in the generation the query speaks: server info when every rank is ``-1``,
+    else one cell's address."""
+    generation = lookup_generation(params)
+    if generation is None:
+        return MISSING_INPUTS
+    pinned = registry.settings.protocol
+    if pinned != "auto" and generation != pinned:
+        return error_reply(
+            400,
+            "protocol_mismatch",
+            f"this server speaks only bootstrap protocol generation {pinned} "
+            f"({RELEASES[pinned]}; --protocol); the query is generation {generation} "
+            f"({RELEASES[generation]})",
+        )
+    if generation == "3":
+        return _current_lookup(registry, params)
+    return _older_lookup(registry, params, generation)
+
+
+def _current_lookup(registry: Registry, params: Mapping[str, str]) -> Reply:
+    ranks = _parse_ranks(params, GEN3_QUERY)
+    if isinstance(ranks, Reply):
+        return ranks
     table = registry.table
-    if ranks == [-1, -1, -1, -1]:
-        if not table.is_complete:
-            return _not_ready(registry)
-        return Reply(200, registry.cached("server_info", table.server_info))
-    for name, rank in zip(ROUTE_PARAMS, ranks, strict=True):
-        if rank < 0:
-            return _invalid(name, f"{rank} is negative (only all four -1 ask for server info)")
     if not table.is_complete:
         return _not_ready(registry)
+    if ranks == [-1, -1, -1, -1]:
+        return Reply(200, registry.cached("server_info", table.server_info))
     cell = Cell(*ranks)
     try:
         record = table.lookup(cell)
@@ -103,6 +136,45 @@ def route_lookup(registry: Registry, params: Mapping[str, str]) -> Reply:
             .format(*cell)
             .encode(),
             TEXT,
+        )
+    return Reply(200, registry.cached(cell, record.address.model_dump))
+
+
+def _older_lookup(registry: Registry, params: Mapping[str, str], generation: str) -> Reply:
+    """Gens 1-2: no readiness gate (their servers had none), sizes under their own key names."""
+    names = GEN1_QUERY if generation == "1" else GEN2_QUERY
+    ranks = _parse_ranks(params, names)
+    if isinstance(ranks, Reply):
+        return ranks
+    topology = registry.table.topology
+    if topology is not None:
+        problem = topology.older_decode_problem(generation)
+        if problem is not None:
+            return error_reply(409, "protocol_mismatch", problem)
+    if all(rank == -1 for rank in ranks):
+        return Reply(
+            200,
+            registry.cached(
+                ("server_info", generation), lambda: older_server_info(topology, generation)
+            ),
+        )
+    if generation == "1":
+        engine_rank, dp_group = ranks
+        # 1a decodes send their global tp rank, 1b decodes the rank inside the group: the
+        # remainder serves both (tests/golden/README.md, case A).
+        per_group = topology.attn_tp_size if topology else engine_rank + 1
+        cell = Cell(dp_group, 0, engine_rank % per_group, 0)
+    else:
+        engine_rank, dp_group, pp_rank = ranks
+        cell = Cell(dp_group, 0, engine_rank, pp_rank)
+    try:
+        record = registry.table.lookup(cell)
+    except CellNotFound:
+        return error_reply(
+            404,
+            "cell_not_found",
+            f"Bootstrap info not found for target_dp_group={dp_group} engine_rank={engine_rank}"
+            + (f" target_pp_rank={cell.pp}" if generation == "2" else ""),
         )
     return Reply(200, registry.cached(cell, record.address.model_dump))
 

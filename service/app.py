@@ -13,11 +13,20 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
+import orjson
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from prefill_bootstrap import __version__
+from prefill_bootstrap.client.errors import ProtocolMismatch
+from prefill_bootstrap.client.generations import (
+    Gen1Registration,
+    Gen2Registration,
+    Generation,
+    registration_generation,
+    to_current,
+)
 from prefill_bootstrap.client.protocol import (
     DpRankQuery,
     DpRankRegistration,
@@ -63,15 +72,40 @@ def _body_schema(model: type[Any]) -> dict[str, Any]:
     }
 
 
+def _invalid_body(exc: ValidationError) -> RequestValidationError:
+    """Model errors take the same 422 path (and shape) as FastAPI's own validation."""
+    return RequestValidationError(
+        [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
+    )
+
+
 async def _parse(request: Request, model: type[Body]) -> Body:
     """Parse a JSON body whatever its content type: SGLang's own server reads any body as JSON,
-    and curl users forget the header. Errors take the same 422 path as FastAPI's own."""
+    and curl users forget the header."""
     try:
         return model.model_validate_json(await request.body())
     except ValidationError as exc:
+        raise _invalid_body(exc) from exc
+
+
+async def _registration(
+    request: Request, pinned: str
+) -> tuple[RankRegistration | None, Generation]:
+    """A ``PUT /route`` body of any protocol generation, as a current registration (None for a
+    gen 1-2 role other than Prefill, which SGLang acknowledged and ignored)."""
+    try:
+        data = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
         raise RequestValidationError(
-            [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
+            [{"type": "json_invalid", "loc": ("body",), "msg": f"Invalid JSON: {exc}"}]
         ) from exc
+    generation = registration_generation(data) if isinstance(data, dict) else "3"
+    if pinned != "auto" and not generation.startswith(pinned):
+        raise ProtocolMismatch(pinned, generation)
+    try:
+        return to_current(data, generation), generation
+    except ValidationError as exc:
+        raise _invalid_body(exc) from exc
 
 
 WaitSeconds = Annotated[
@@ -123,10 +157,29 @@ def create_app(
             503: {"model": ErrorBody, "description": "could not be made durable; retry"},
             **ERRORS,
         },
-        openapi_extra=_body_schema(RankRegistration),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "anyOf": [
+                                RankRegistration.model_json_schema(),
+                                Gen2Registration.model_json_schema(),
+                                Gen1Registration.model_json_schema(),
+                            ],
+                            "description": "SGLang protocol generation 3 (0.5.10+), 2 "
+                            "(0.5.0rc0-0.5.9) or 1 (0.4.6-0.4.10), told apart by the fields",
+                        }
+                    }
+                },
+            }
+        },
     )
     async def register_rank(request: Request) -> Response:
-        await registry.register(await _parse(request, RankRegistration))
+        registration, generation = await _registration(request, settings.protocol)
+        if registration is not None:
+            await registry.register(registration, generation)
         return Response(b"OK", media_type="text/plain")
 
     @app.get(
@@ -142,18 +195,17 @@ def create_app(
         },
     )
     async def lookup(
-        prefill_dp_rank: str = "",
-        prefill_cp_rank: str = "",
-        target_tp_rank: str = "",
-        target_pp_rank: str = "",
+        request: Request,
+        prefill_dp_rank: str | None = None,
+        prefill_cp_rank: str | None = None,
+        target_tp_rank: str | None = None,
+        target_pp_rank: str | None = None,
+        engine_rank: Annotated[str | None, Query(description="generations 1-2")] = None,
+        target_dp_group: Annotated[str | None, Query(description="generations 1-2")] = None,
     ) -> Response:
-        params = {
-            "prefill_dp_rank": prefill_dp_rank,
-            "prefill_cp_rank": prefill_cp_rank,
-            "target_tp_rank": target_tp_rank,
-            "target_pp_rank": target_pp_rank,
-        }
-        return _reply(answers.route_lookup(registry, params))
+        # The declared parameters document the route; the answer needs to know which ones were
+        # present (even empty), which only the raw query string tells.
+        return _reply(answers.route_lookup(registry, dict(request.query_params)))
 
     @app.api_route(
         "/route",

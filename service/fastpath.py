@@ -148,7 +148,9 @@ class FrontDoor:
         hot = self.serve_hot_routes
         if hot and method == "GET":
             if path == "/route":
-                params = dict(parse_qsl(scope["query_string"].decode("latin-1")))
+                params = dict(
+                    parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+                )
                 return await self._send(send, answers.route_lookup(self.registry, params))
             if path == "/health":
                 return await self._send(send, answers.health())

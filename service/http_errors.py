@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from prefill_bootstrap.client.errors import (
     CellNotFound,
     LeaseNotHeld,
+    ProtocolMismatch,
     StateStoreError,
     TopologyConflict,
 )
@@ -85,6 +86,12 @@ async def _on_lease_not_held(_: Request, exc: LeaseNotHeld) -> Response:
     return error_response(409, "lease_not_held", str(exc))
 
 
+async def _on_protocol_mismatch(_: Request, exc: ProtocolMismatch) -> Response:
+    return error_response(
+        422, "protocol_mismatch", str(exc), [{"pinned": exc.pinned, "offered": exc.offered}]
+    )
+
+
 async def _on_store_error(_: Request, exc: StateStoreError) -> Response:
     return error_response(
         503, "state_not_durable", f"{exc}; the request was not acknowledged, retry it"
@@ -104,4 +111,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StateStoreError, _on_store_error)  # type: ignore[arg-type]
     app.add_exception_handler(CellNotFound, _on_cell_not_found)  # type: ignore[arg-type]
     app.add_exception_handler(LeaseNotHeld, _on_lease_not_held)  # type: ignore[arg-type]
+    app.add_exception_handler(ProtocolMismatch, _on_protocol_mismatch)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _on_http_error)  # type: ignore[arg-type]

@@ -68,10 +68,10 @@ class Registry:
 
     # -- changes -------------------------------------------------------------------------------
 
-    async def register(self, registration: RankRegistration) -> Registered:
+    async def register(self, registration: RankRegistration, protocol: str = "3") -> Registered:
         """Apply in memory, then wait until the change is durable before acknowledging."""
         try:
-            done = self.table.register(registration, self.clock())
+            done = self.table.register(registration, self.clock(), protocol)
         except TopologyConflict as conflict:
             self.metrics.registrations["conflict"] += 1
             log.warning(

@@ -44,6 +44,7 @@ def table_report(registry: Registry) -> dict[str, Any]:
                 "state": "expired" if table.is_expired(record.cell) else "registered",
                 "lease_seconds": record.lease_seconds,
                 "lease_expires_at": table.lease_expires_at(record.cell),
+                "protocol": record.protocol,
                 "extra": record.extra,
             }
             for record in table.records()

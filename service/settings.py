@@ -66,6 +66,11 @@ class ServerSettings(BaseSettings):
     auth_reads: bool = Field(False, description="require the token on reads too")
     ssl_certfile: Path | None = Field(None, description="serve HTTPS with this certificate")
     ssl_keyfile: Path | None = Field(None, description="private key of ssl_certfile")
+    protocol: Literal["auto", "1", "2", "3"] = Field(
+        "auto",
+        description="SGLang bootstrap protocol generation: 'auto' detects it per request; a "
+        "number refuses the others",
+    )
     lease_sweep_seconds: Annotated[float, Field(gt=0)] = Field(
         1.0, description="how often expired rank leases are looked for"
     )

@@ -125,6 +125,7 @@ CREATE TABLE IF NOT EXISTS cells (
     rank_ip TEXT NOT NULL, rank_port INTEGER NOT NULL,
     first_registered_at REAL NOT NULL, last_registered_at REAL NOT NULL,
     generation INTEGER NOT NULL, extra TEXT NOT NULL, lease_seconds REAL,
+    protocol TEXT NOT NULL DEFAULT '3',
     PRIMARY KEY (dp, cp, tp, pp)
 );
 CREATE TABLE IF NOT EXISTS events (
@@ -146,6 +147,7 @@ def _record_from_row(row: sqlite3.Row) -> CellRecord:
         generation=row["generation"],
         extra=orjson.loads(row["extra"]),
         lease_seconds=row["lease_seconds"],
+        protocol=row["protocol"],
     )
 
 
@@ -269,7 +271,7 @@ class SqliteStore(StateStore):
                     )
                 elif isinstance(change, CellRecord):
                     db.execute(
-                        "INSERT OR REPLACE INTO cells VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT OR REPLACE INTO cells VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (
                             *change.cell,
                             change.address.rank_ip,
@@ -279,6 +281,7 @@ class SqliteStore(StateStore):
                             change.generation,
                             _dumps(change.extra),
                             change.lease_seconds,
+                            change.protocol,
                         ),
                     )
                 else:

@@ -127,6 +127,25 @@ class Topology:
             updates["options"] = options
         return replace(self, **updates) if updates else self
 
+    def older_decode_problem(self, generation: str) -> str | None:
+        """Why a gen 1-2 decode cannot use this group, or None when it can."""
+        who = f"a generation {generation} decode (SGLang 0.5.9 or older)"
+        if self.attn_cp_size > 1:
+            return (
+                f"the prefill registered attn_cp_size={self.attn_cp_size}; {who} cannot "
+                "address cp ranks"
+            )
+        if generation == "1" and self.pp_size > 1:
+            return f"the prefill registered pp_size={self.pp_size}; {who} cannot address pp ranks"
+        method = self.options.get("load_balance_method") or FOLLOW_BOOTSTRAP_ROOM
+        if self.dp_size > 1 and method != FOLLOW_BOOTSTRAP_ROOM:
+            return (
+                f"the prefill balances dp_size={self.dp_size} groups with "
+                f"load_balance_method={method!r}; {who} picks the group as bootstrap_room % "
+                "dp_size and never asks /query_dp_ranks, so it would reach the wrong ranks"
+            )
+        return None
+
     def server_info(self) -> dict[str, Any]:
         """SGLang's ``PrefillServerInfo`` keys: the base ones plus only the optional keys the
         prefill's registrations carried, because an older decode breaks on keys it does not know.
@@ -155,6 +174,26 @@ class Topology:
         return info
 
 
+def older_server_info(topology: Topology | None, generation: str) -> dict[str, Any]:
+    """Gens 1-2 server info: their own key names, nulls before any registration (their servers
+    answered the same). Gen 1 answers the union of 1a's and 1b's keys: the two decodes send the
+    same query and each reads only its own keys (tests/golden/README.md, case A); gen 2 always
+    carries 2b's page size, which a 2a decode ignores (case B)."""
+    known = topology is not None
+    if generation == "1":
+        return {
+            "prefill_tp_size": topology.attn_tp_size * topology.dp_size if known else None,
+            "prefill_dp_size": topology.dp_size if known else None,
+            "tp_size_per_dp_rank": topology.attn_tp_size if known else None,
+        }
+    return {
+        "prefill_attn_tp_size": topology.attn_tp_size if known else None,
+        "prefill_dp_size": topology.dp_size if known else None,
+        "prefill_pp_size": topology.pp_size if known else None,
+        "prefill_page_size": topology.page_size if known else None,
+    }
+
+
 @dataclass(frozen=True)
 class CellRecord:
     """One filled cell: the rank's address and when and how often it registered."""
@@ -167,6 +206,8 @@ class CellRecord:
     extra: dict[str, Any] = field(default_factory=dict)
     lease_seconds: float | None = None
     """None: the cell never expires (plain SGLang ranks). Else it must be renewed this often."""
+    protocol: str = "3"
+    """The SGLang bootstrap protocol generation the rank registered with ("1", "2a", "2b", "3")."""
 
 
 @dataclass(frozen=True)
@@ -229,7 +270,9 @@ class PortTable:
 
     # -- changes -------------------------------------------------------------------------------
 
-    def register(self, registration: RankRegistration, now: float) -> Registered:
+    def register(
+        self, registration: RankRegistration, now: float, protocol: str = "3"
+    ) -> Registered:
         """Fill (or refill) the registration's cell; all-or-nothing.
 
         Raises ``TopologyConflict`` (and remembers it for diagnostics) without touching the cells
@@ -262,10 +305,16 @@ class PortTable:
         previous = self._cells.get(cell)
         if previous is None:
             outcome = Outcome.NEW
-            record = CellRecord(cell, registration.address, now, now, 1, extra, lease)
+            record = CellRecord(cell, registration.address, now, now, 1, extra, lease, protocol)
         elif previous.address == registration.address:
             outcome = Outcome.SAME
-            record = replace(previous, last_registered_at=now, extra=extra, lease_seconds=lease)
+            record = replace(
+                previous,
+                last_registered_at=now,
+                extra=extra,
+                lease_seconds=lease,
+                protocol=protocol,
+            )
         else:
             outcome = Outcome.REPLACED
             record = replace(
@@ -275,6 +324,7 @@ class PortTable:
                 generation=previous.generation + 1,
                 extra=extra,
                 lease_seconds=lease,
+                protocol=protocol,
             )
             self.replacements.append(
                 Replacement(cell, previous.address, record.address, record.generation, now)

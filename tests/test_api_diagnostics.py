@@ -123,4 +123,8 @@ async def test_the_openapi_schema_documents_every_route(api: httpx.AsyncClient) 
         assert "get" in paths[path]
     assert "delete" in paths["/prefill_port_table"]
     put_body = paths["/route"]["put"]["requestBody"]["content"]["application/json"]["schema"]
-    assert "rank_port" in put_body["required"]
+    current, gen2, gen1 = put_body["anyOf"]
+    assert "attn_cp_size" in current["required"]
+    assert "role" in gen2["required"] and "engine_rank" in gen1["required"]
+    lookup_params = {param["name"] for param in paths["/route"]["get"]["parameters"]}
+    assert {"prefill_dp_rank", "engine_rank", "target_dp_group"} <= lookup_params
