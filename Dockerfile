@@ -10,13 +10,13 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE} AS build
 
 # A directory inside the build context holding a wheel of this project and of every dependency
-# (scripts/build-image.sh makes one under .cache/). Empty: install from the package index.
+# (scripts/build-image.sh makes one and builds with it). Empty: install from the package index.
 ARG WHEELHOUSE=""
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore
 
-# .dockerignore lets only the package sources and the wheelhouse in.
+# The sources (.dockerignore lets nothing else in), or, offline, just the wheelhouse.
 COPY . /src
 SHELL ["/bin/sh", "-eu", "-c"]
 RUN python3 -m venv /opt/prefill-bootstrap; \

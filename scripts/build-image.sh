@@ -28,8 +28,10 @@ while [ $# -gt 0 ]; do
 done
 
 cache="$repo/.cache"
-wheelhouse_rel=.cache/wheelhouse # relative to the build context; .dockerignore lets it in
-wheelhouse="$repo/$wheelhouse_rel"
+# The build context is a directory holding only the wheelhouse: nothing else of the tree can
+# leak into the image, and edits elsewhere do not invalidate buildah's layer cache.
+context="$cache/image-context"
+wheelhouse="$context/wheelhouse"
 python=${PYTHON:-}
 if [ -z "$python" ]; then
     if [ -x "$repo/.venv/bin/python" ]; then python="$repo/.venv/bin/python"; else python=python3; fi
@@ -105,18 +107,25 @@ platforms+=(--platform "manylinux2014_$machine" --platform "manylinux2010_$machi
 
 mkdir -p "$wheelhouse"
 rm -f "$wheelhouse"/prefill_bootstrap-*.whl
-say "building the wheelhouse in $wheelhouse_rel"
-"$python" -m pip wheel --quiet --disable-pip-version-check --no-deps --wheel-dir "$wheelhouse" "$repo"
+say "building the wheelhouse in ${wheelhouse#"$repo/"}"
+# A fixed timestamp makes the wheel a function of the sources alone, so an unchanged tree gives
+# an unchanged build context and buildah's layer cache holds.
+SOURCE_DATE_EPOCH=315532800 "$python" -m pip wheel --quiet --disable-pip-version-check \
+    --no-deps --wheel-dir "$wheelhouse" "$repo"
 own_wheel=$(ls "$wheelhouse"/prefill_bootstrap-*.whl)
-"$python" -m pip download --quiet --disable-pip-version-check --dest "$wheelhouse" \
-    --only-binary=:all: --implementation cp --python-version "$py_version" \
-    --abi "cp${py_version/./}" "${platforms[@]}" "${own_wheel}[server]"
+download=("$python" -m pip download --quiet --disable-pip-version-check --dest "$wheelhouse"
+    --only-binary=:all: --implementation cp --python-version "$py_version"
+    --abi "cp${py_version/./}" "${platforms[@]}" "${own_wheel}[server]")
+# The wheelhouse from an earlier run may already hold everything: then no index is asked.
+if ! "${download[@]}" --no-index --find-links "$wheelhouse" >/dev/null 2>&1; then
+    "${download[@]}"
+fi
 
 # 3. The image. --format docker keeps HEALTHCHECK (the OCI format has no such field).
 say "building $tag"
 buildah bud --isolation chroot --format docker --layers --pull=never --quiet \
-    --build-arg "BASE_IMAGE=$base" --build-arg "WHEELHOUSE=$wheelhouse_rel" \
-    --tag "$tag" --file "$repo/Dockerfile" "$repo" >/dev/null
+    --build-arg "BASE_IMAGE=$base" --build-arg "WHEELHOUSE=wheelhouse" \
+    --tag "$tag" --file "$repo/Dockerfile" "$context" >/dev/null
 
 size=$(buildah images --noheading --format '{{.Size}}' "$tag" | head -n1)
 say "built $tag ($size) in $(($(date +%s) - started)) s"
