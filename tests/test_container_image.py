@@ -291,7 +291,9 @@ def test_sigterm_stops_the_server_within_seconds(sidecars: Any, init: bool) -> N
     assert state["ExitCode"] == 0, f"exit {state['ExitCode']}; logs:\n{sidecar.logs()}"
 
 
-def test_only_the_state_volume_is_writable(sidecars: Any, registration: Any) -> None:
+def test_the_server_runs_on_a_read_only_root_writing_only_its_volume(
+    sidecars: Any, registration: Any
+) -> None:
     sidecar = sidecars()
     register_group(sidecar.url, registration)
     refused = sidecar.exec("touch", "/opt/prefill-bootstrap/written", check=False)
