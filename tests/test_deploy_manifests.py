@@ -315,7 +315,9 @@ def test_every_container_declares_requests_and_limits() -> None:
 
 
 def test_the_bootstrap_service_selects_the_leader_and_forwards_the_servers_port() -> None:
-    (service,) = [s for s in of_kind("Service") if s["metadata"]["name"] == "sglang-prefill-0"]
+    (service,) = [
+        s for s in of_kind("Service") if s["metadata"]["name"] == "sglang-prefill-leader-0"
+    ]
     selector = service["spec"]["selector"]
     assert selector["leaderworkerset.sigs.k8s.io/name"] == the_lws()["metadata"]["name"]
     assert selector["leaderworkerset.sigs.k8s.io/worker-index"] == "0"
@@ -328,7 +330,7 @@ def test_the_router_points_decode_at_the_sidecars_port() -> None:
     (router,) = [d for d in of_kind("Deployment") if d["metadata"]["name"] == "sglang-router"]
     args = router["spec"]["template"]["spec"]["containers"][0]["args"]
     prefill = args.index("--prefill")
-    assert args[prefill + 1] == "http://sglang-prefill-0:30000"
+    assert args[prefill + 1] == "http://sglang-prefill-leader-0:30000"
     assert int(args[prefill + 2]) == DEFAULT_PORT
 
 
