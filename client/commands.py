@@ -13,7 +13,8 @@ import json
 import logging
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 from pydantic import ValidationError
@@ -84,12 +85,29 @@ def _usage(args: argparse.Namespace, message: str) -> NoReturn:
     args.parser.error(message)  # exits 2
 
 
+@contextmanager
+def _logging_to_stderr(args: argparse.Namespace) -> Iterator[None]:
+    """Show the client's log lines (one per failed attempt) on stderr for this command only.
+
+    A handler on our own logger, removed afterwards, rather than ``basicConfig``: that would be
+    a no-op when the host process already configured logging, and permanent when it had not.
+    """
+    logger = logging.getLogger("prefill_bootstrap.client")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING
+    handler.setLevel(level)
+    previous = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(level, previous or logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+
 def _client(args: argparse.Namespace) -> BootstrapClient:
-    logging.basicConfig(
-        stream=sys.stderr,
-        format="%(message)s",
-        level=logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING,
-    )
     fields = (
         "url", "auth_token", "cacert", "request_timeout_seconds", "retry_deadline_seconds",
         "retry_attempts",
@@ -133,7 +151,7 @@ def _registration(args: argparse.Namespace) -> RankRegistration:
 
 def _run_register(args: argparse.Namespace) -> int:
     registration = _registration(args)
-    with _client(args) as client:
+    with _client(args) as client, _logging_to_stderr(args):
         client.register(registration)
         print(
             f"registered cell {format_cell(registration.cell)} as "
@@ -143,7 +161,7 @@ def _run_register(args: argparse.Namespace) -> int:
 
 
 def _run_wait(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with _client(args) as client, _logging_to_stderr(args):
         report = client.wait_until_complete(args.timeout)
         if args.json:
             print(report.model_dump_json(indent=2))
@@ -156,7 +174,7 @@ def _run_wait(args: argparse.Namespace) -> int:
 
 
 def _run_table(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with _client(args) as client, _logging_to_stderr(args):
         report = client.table(wait=args.wait)
         if args.json:
             print(report.model_dump_json(indent=2))

@@ -1,54 +1,29 @@
 """HTTP clients for the bootstrap server: ``BootstrapClient`` and ``AsyncBootstrapClient``.
 
-Both run the same calls through one core (``_Core``), the way httpx's own sync and async clients
-share their request building: a call is described once (method, path, body, how to read the
-answer, what its failure means) and the two clients only differ in how they send it and sleep.
-The core is also the one place where foreign errors become ours: an httpx error is either a
-transient failure the retry policy absorbs or a configuration error raised at once, always
-``from`` the original.
+Both run the same calls through one core (``client/core.py``): the request building, the
+answer reading, the error translation and the retry wiring are shared, so the two cannot drift.
+What differs is only how a request is sent and how the clients sleep between polls.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Generic, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import httpx
-from pydantic import ValidationError
-from tenacity import RetryCallState
 
-from prefill_bootstrap.client.addresses import normalize_base_url
-from prefill_bootstrap.client.errors import (
-    BootstrapError,
-    CellNotFound,
-    ConfigurationError,
-    RegistrationFailed,
-    RequestRejected,
-    ServerUnreachable,
-    TableIncomplete,
-    UnexpectedAnswer,
-    format_cell,
+from prefill_bootstrap.client.core import (
+    DEFAULT_TIMEOUT,
+    LONG_POLL_SECONDS,
+    Call,
+    Core,
+    Registration,
+    WaitPlan,
+    describe_invalid,
 )
-from prefill_bootstrap.client.protocol import (
-    ROUTE_PATH,
-    SERVER_INFO_QUERY,
-    TABLE_PATH,
-    Cell,
-    RankAddress,
-    RankRegistration,
-    TableReport,
-)
-from prefill_bootstrap.client.retry import (
-    DEFAULT_RETRY,
-    RetryPolicy,
-    Transient,
-    classify_transport_error,
-    is_transient_status,
-)
+from prefill_bootstrap.client.protocol import Cell, RankAddress, TableReport
+from prefill_bootstrap.client.retry import DEFAULT_RETRY, RetryPolicy
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -58,337 +33,7 @@ __all__ = [
     "describe_invalid",
 ]
 
-log = logging.getLogger("prefill_bootstrap.client")
-
-DEFAULT_TIMEOUT = 10.0
-"""Seconds for one request to connect and answer (long polls add their wait on top)."""
-LONG_POLL_SECONDS = 30.0
-"""Longest single ``?wait=`` poll: short enough that a dead server is noticed, and below the
-idle timeouts of the proxies that sit in front of servers."""
-
 T = TypeVar("T")
-Registration = RankRegistration | Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class _Call(Generic[T]):
-    """One request as both clients send it, and what its answers mean."""
-
-    method: str
-    path: str
-    action: str
-    """What the rank tried, as a log line continues "Rank 3 could not ..."."""
-    noun: str
-    """What failed, as an error message begins "... failed after 3 attempts"."""
-    read: Callable[[httpx.Response], T]
-    policy: RetryPolicy
-    timeout: httpx.Timeout
-    params: dict[str, str] | None = None
-    json: Any = None
-    registering: bool = False
-    not_found: Callable[[], BootstrapError] | None = None
-
-
-@dataclass
-class _WaitPlan:
-    """The clock of ``wait_until_complete``, shared by both clients."""
-
-    timeout: float
-    started: float = field(default_factory=time.monotonic)
-
-    def remaining(self) -> float:
-        return max(0.0, self.started + self.timeout - time.monotonic())
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
-
-    def next_poll(self) -> float:
-        return min(self.remaining(), LONG_POLL_SECONDS)
-
-    def pause_after(self, poll_started: float, poll: float, interval: float) -> float:
-        """A server without long-poll support answers at once; then pace the polls ourselves."""
-        answered_early = time.monotonic() - poll_started < poll * 0.5
-        return min(interval, self.remaining()) if answered_early else 0.0
-
-
-def _server_message(response: httpx.Response) -> str:
-    """The sentence the server wrote: our JSON error shape, FastAPI's ``detail``, or plain text
-    (SGLang's own answers are plain text)."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict):
-        for key in ("message", "detail", "error"):
-            if body.get(key):
-                return str(body[key])[:500]
-    text = response.text.strip()
-    return text[:500] if text else response.reason_phrase
-
-
-class _Core:
-    """Request building, response reading, error translation and retry wiring for both clients."""
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        timeout: float,
-        retry: RetryPolicy,
-        auth_token: str | None,
-        rank: int | None,
-    ) -> None:
-        self.base_url = normalize_base_url(url)
-        parsed = httpx.URL(self.base_url)
-        self.host = parsed.host
-        self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        self.timeout = timeout
-        self.retry = retry
-        self.headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
-        self.who = f"Rank {rank}" if rank is not None else "The bootstrap client"
-
-    def url(self, call: _Call[Any]) -> str:
-        return self.base_url + call.path
-
-    # -- the calls -------------------------------------------------------------------------------
-
-    def register_call(self, registration: Registration) -> tuple[RankRegistration, _Call[None]]:
-        reg = _validated(registration)
-        cell = format_cell(reg.cell)
-        call: _Call[None] = _Call(
-            "PUT",
-            ROUTE_PATH,
-            action=f"register cell {cell} as {reg.rank_ip}:{reg.rank_port}",
-            noun="registration",
-            read=lambda response: None,
-            policy=self.retry,
-            timeout=httpx.Timeout(self.timeout),
-            json=reg.wire(),
-            registering=True,
-        )
-        return reg, call
-
-    def lookup_call(self, cell: Cell) -> _Call[RankAddress]:
-        return _Call(
-            "GET",
-            ROUTE_PATH,
-            action=f"look up cell {format_cell(cell)}",
-            noun="lookup",
-            read=lambda response: RankAddress.model_validate_json(response.content),
-            policy=self.retry,
-            timeout=httpx.Timeout(self.timeout),
-            params={
-                "prefill_dp_rank": str(cell.dp),
-                "prefill_cp_rank": str(cell.cp),
-                "target_tp_rank": str(cell.tp),
-                "target_pp_rank": str(cell.pp),
-            },
-            not_found=lambda: CellNotFound(cell),
-        )
-
-    def server_info_call(self) -> _Call[dict[str, Any]]:
-        return _Call(
-            "GET",
-            ROUTE_PATH,
-            action="read the server info",
-            noun="server-info request",
-            read=_json_object,
-            policy=self.retry,
-            timeout=httpx.Timeout(self.timeout),
-            params=dict(SERVER_INFO_QUERY),
-        )
-
-    def table_call(
-        self, wait: float = 0.0, policy: RetryPolicy | None = None
-    ) -> _Call[TableReport]:
-        return _Call(
-            "GET",
-            TABLE_PATH,
-            action="read the port table",
-            noun="table request",
-            read=lambda response: TableReport.model_validate_json(response.content),
-            policy=policy or self.retry,
-            timeout=httpx.Timeout(self.timeout, read=self.timeout + wait),
-            params={"wait": f"{wait:.3f}"} if wait > 0 else None,
-        )
-
-    # -- answers and failures --------------------------------------------------------------------
-
-    def respond(self, call: _Call[T], response: httpx.Response) -> T:
-        status = response.status_code
-        if 200 <= status < 300:
-            try:
-                return call.read(response)
-            except ValueError as exc:  # pydantic's ValidationError and JSON errors alike
-                problem = str(exc).splitlines()[0]
-                raise UnexpectedAnswer(self.url(call), status, problem) from exc
-        if status == 404 and call.not_found is not None:
-            raise call.not_found()
-        message = _server_message(response)
-        if is_transient_status(status):
-            raise Transient("status", f"HTTP {status}: {message}", status)
-        log.info(
-            "%s could not %s at %s: the server refused it with HTTP %d (%s); not retrying.",
-            self.who,
-            call.action,
-            self.url(call),
-            status,
-            message,
-        )
-        raise RequestRejected(self.url(call), status, message, _body(response))
-
-    def raise_for_transport(self, call: _Call[Any], exc: httpx.HTTPError) -> NoReturn:
-        """The one place httpx errors are translated."""
-        transient = classify_transport_error(exc)
-        if transient is not None:
-            raise transient from exc
-        if isinstance(exc, httpx.ConnectError):  # TLS: the certificate or handshake is wrong
-            raise ConfigurationError(
-                f"cannot open a secure connection to {self.url(call)}: {exc}; pass the server's "
-                "CA certificate (verify=... / --cacert) or use http://"
-            ) from exc
-        raise ConfigurationError(f"cannot send {call.noun} to {self.url(call)}: {exc}") from exc
-
-    def on_retry(self, call: _Call[Any], state: RetryCallState) -> None:
-        log.warning(
-            "%s could not %s at %s (attempt %d of %d, %.1fs elapsed): %s; retrying in %.2fs.",
-            self.who,
-            call.action,
-            self.url(call),
-            state.attempt_number,
-            call.policy.attempts,
-            state.seconds_since_start or 0.0,
-            _cause(state).cause,
-            state.upcoming_sleep,
-        )
-
-    def on_exhausted(self, call: _Call[Any], state: RetryCallState) -> NoReturn:
-        last = _cause(state)
-        elapsed = state.seconds_since_start or 0.0
-        log.warning(
-            "%s could not %s at %s (attempt %d of %d, %.1fs elapsed): %s; giving up.",
-            self.who,
-            call.action,
-            self.url(call),
-            state.attempt_number,
-            call.policy.attempts,
-            elapsed,
-            last.cause,
-        )
-        hint = self.hint(last, call.registering)
-        if call.registering:
-            raise RegistrationFailed(
-                self.url(call), self.host, self.port, state.attempt_number, elapsed, last.cause,
-                hint,
-            ) from last  # fmt: skip
-        raise ServerUnreachable(
-            self.url(call), state.attempt_number, elapsed, last.cause, hint, action=call.noun
-        ) from last
-
-    def hint(self, last: Transient, registering: bool) -> str:
-        where = f"{self.host}:{self.port}"
-        sync = (
-            ". Multi-node ranks must call sync_bootstrap_port first so every node uses the "
-            "leader's port"
-            if registering
-            else ""
-        )
-        if last.kind == "refused":
-            return (
-                f"nothing listens at {where}: is {self.port} the leader's bootstrap port, and is "
-                f"its server running?{sync}"
-            )
-        if last.kind == "unresolved":
-            return f"{self.host} does not resolve: check dist_init_addr or the bootstrap host"
-        if last.kind == "timeout":
-            return (
-                f"no answer from {where} in time: is {self.host} reachable from this node "
-                "(firewall, wrong interface)?"
-            )
-        if last.kind == "status":
-            return f"the server at {where} is up but not answering successfully; see its log"
-        return f"check that {where} is the leader's bootstrap server and reachable{sync}"
-
-    # -- outcomes worth a log line ---------------------------------------------------------------
-
-    def registered(self, reg: RankRegistration) -> None:
-        log.info(
-            "%s registered cell %s as %s:%d at %s.",
-            self.who,
-            format_cell(reg.cell),
-            reg.rank_ip,
-            reg.rank_port,
-            self.base_url,
-        )
-
-    def waiting(self, report: TableReport, plan: _WaitPlan) -> None:
-        log.info(
-            "%s is waiting for the port table at %s: %d of %s cells registered, %.0fs left.",
-            self.who,
-            self.base_url,
-            report.registered_cells,
-            report.expected_cells if report.expected_cells is not None else "?",
-            plan.remaining(),
-        )
-
-    def complete(self, report: TableReport, plan: _WaitPlan) -> TableReport:
-        log.info(
-            "%s sees the port table at %s complete: %d of %d cells after %.1fs.",
-            self.who,
-            self.base_url,
-            report.registered_cells,
-            report.expected_cells or 0,
-            plan.elapsed(),
-        )
-        return report
-
-    def incomplete(self, report: TableReport, plan: _WaitPlan) -> TableIncomplete:
-        return TableIncomplete(
-            report.missing_cells,
-            report.expected_cells,
-            registered_hosts=report.registered_hosts(),
-            waited_seconds=plan.elapsed(),
-            url=self.base_url + TABLE_PATH,
-        )
-
-
-def describe_invalid(exc: ValidationError) -> str:
-    """pydantic's report as one line naming each field, the way the server's 422 names them."""
-    parts = []
-    for error in exc.errors():
-        where = ".".join(str(part) for part in error["loc"]) or "body"
-        parts.append(f"{where}: {str(error['msg']).removeprefix('Value error, ')}")
-    return "; ".join(parts)
-
-
-def _validated(registration: Registration) -> RankRegistration:
-    if isinstance(registration, RankRegistration):
-        return registration
-    try:
-        return RankRegistration.model_validate(dict(registration))
-    except ValidationError as exc:
-        raise ConfigurationError(f"invalid registration: {describe_invalid(exc)}") from exc
-
-
-def _json_object(response: httpx.Response) -> dict[str, Any]:
-    body = response.json()
-    if not isinstance(body, dict):
-        raise ValueError(f"expected a JSON object, got {type(body).__name__}")
-    return body
-
-
-def _body(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return response.text
-
-
-def _cause(state: RetryCallState) -> Transient:
-    assert state.outcome is not None
-    exc = state.outcome.exception()
-    assert isinstance(exc, Transient)
-    return exc
 
 
 class BootstrapClient:
@@ -411,7 +56,7 @@ class BootstrapClient:
         verify: Any = True,
         rank: int | None = None,
     ) -> None:
-        self._core = _Core(url, timeout=timeout, retry=retry, auth_token=auth_token, rank=rank)
+        self._core = Core(url, timeout=timeout, retry=retry, auth_token=auth_token, rank=rank)
         self._http = httpx.Client(
             base_url=self._core.base_url,
             headers=self._core.headers,
@@ -432,7 +77,7 @@ class BootstrapClient:
     def close(self) -> None:
         self._http.close()
 
-    def _once(self, call: _Call[T]) -> T:
+    def _once(self, call: Call[T]) -> T:
         try:
             response = self._http.request(
                 call.method, call.path, params=call.params, json=call.json, timeout=call.timeout
@@ -441,7 +86,7 @@ class BootstrapClient:
             self._core.raise_for_transport(call, exc)
         return self._core.respond(call, response)
 
-    def _run(self, call: _Call[T]) -> T:
+    def _run(self, call: Call[T]) -> T:
         retrying = call.policy.retrying(
             lambda state: self._core.on_retry(call, state),
             lambda state: self._core.on_exhausted(call, state),
@@ -469,7 +114,7 @@ class BootstrapClient:
     def wait_until_complete(self, timeout: float, *, poll_interval: float = 0.5) -> TableReport:
         """Long-poll until every cell is registered; ``TableIncomplete`` names the missing cells
         and the hosts that did register if ``timeout`` seconds pass first."""
-        plan = _WaitPlan(timeout)
+        plan = WaitPlan(timeout)
         while True:
             poll = plan.next_poll()
             poll_started = time.monotonic()
@@ -497,7 +142,7 @@ class AsyncBootstrapClient:
         verify: Any = True,
         rank: int | None = None,
     ) -> None:
-        self._core = _Core(url, timeout=timeout, retry=retry, auth_token=auth_token, rank=rank)
+        self._core = Core(url, timeout=timeout, retry=retry, auth_token=auth_token, rank=rank)
         self._http = httpx.AsyncClient(
             base_url=self._core.base_url,
             headers=self._core.headers,
@@ -518,7 +163,7 @@ class AsyncBootstrapClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _once(self, call: _Call[T]) -> T:
+    async def _once(self, call: Call[T]) -> T:
         try:
             response = await self._http.request(
                 call.method, call.path, params=call.params, json=call.json, timeout=call.timeout
@@ -527,7 +172,7 @@ class AsyncBootstrapClient:
             self._core.raise_for_transport(call, exc)
         return self._core.respond(call, response)
 
-    async def _run(self, call: _Call[T]) -> T:
+    async def _run(self, call: Call[T]) -> T:
         retrying = call.policy.async_retrying(
             lambda state: self._core.on_retry(call, state),
             lambda state: self._core.on_exhausted(call, state),
@@ -551,7 +196,7 @@ class AsyncBootstrapClient:
     async def wait_until_complete(
         self, timeout: float, *, poll_interval: float = 0.5
     ) -> TableReport:
-        plan = _WaitPlan(timeout)
+        plan = WaitPlan(timeout)
         while True:
             poll = plan.next_poll()
             poll_started = time.monotonic()

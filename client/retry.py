@@ -28,7 +28,8 @@ from tenacity import (
     retry_if_exception_type,
     stop_after_attempt,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 from tenacity.wait import wait_base
 
@@ -157,9 +158,8 @@ class RetryPolicy:
             "retry": retry_if_exception_type(Transient),
             "stop": stop_after_attempt(self.attempts) | stop_after_delay(self.deadline),
             "wait": _until_deadline(
-                wait_exponential_jitter(
-                    initial=self.initial_backoff, max=self.max_backoff, jitter=self.jitter
-                ),
+                wait_exponential(multiplier=self.initial_backoff, max=self.max_backoff)
+                + wait_random(0, self.jitter),
                 self.deadline,
             ),
             "before_sleep": on_retry,
