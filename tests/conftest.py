@@ -136,6 +136,36 @@ def asgi_client(app: Any, **headers: str) -> httpx.AsyncClient:
     )
 
 
+class BlockingASGITransport(httpx.BaseTransport):
+    """Serve a blocking ``httpx.Client`` from an in-memory ASGI app (httpx only ships the async
+    transport): each request runs on one event loop in a helper thread, so long polls and
+    registrations from several clients meet on the same app state."""
+
+    def __init__(self, app: Any, portal: Any) -> None:
+        self._inner = httpx.ASGITransport(app=app)
+        self._portal = portal
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        async def send() -> httpx.Response:
+            inner = httpx.Request(
+                request.method, request.url, headers=request.headers, content=request.read()
+            )
+            response = await self._inner.handle_async_request(inner)
+            body = await response.aread()
+            return httpx.Response(response.status_code, headers=response.headers, content=body)
+
+        return self._portal.call(send)
+
+
+@pytest.fixture
+def blocking_transport() -> Iterator[Callable[[Any], BlockingASGITransport]]:
+    """``blocking_transport(app)``: a transport for ``BootstrapClient`` over an in-memory app."""
+    from anyio.from_thread import start_blocking_portal
+
+    with start_blocking_portal() as portal:
+        yield lambda app: BlockingASGITransport(app, portal)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
