@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import shutil
+import ssl
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -117,13 +118,19 @@ def _client(args: argparse.Namespace) -> BootstrapClient:
         settings = ClientSettings(**overrides)
     except ValidationError as exc:
         _usage(args, f"invalid option: {describe_invalid(exc)}")
+    verify: ssl.SSLContext | bool = True
+    if settings.cacert:
+        try:
+            verify = ssl.create_default_context(cafile=settings.cacert)
+        except (OSError, ssl.SSLError) as exc:
+            _usage(args, f"cannot use --cacert {settings.cacert}: {exc}")
     try:
         return BootstrapClient(
             settings.url,
             timeout=settings.request_timeout_seconds,
             retry=settings.retry,
             auth_token=settings.token,
-            verify=settings.cacert or True,
+            verify=verify,
         )
     except ConfigurationError as exc:
         _usage(args, str(exc))
