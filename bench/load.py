@@ -66,6 +66,8 @@ class LoadResult:
     seconds: float
     latencies: list[float] = field(repr=False)
     error_kinds: Counter[str] = field(default_factory=Counter)
+    answers: int = 0
+    """All answers, warm-up included: the divisor for CPU time per request."""
 
     @property
     def rate(self) -> float:
@@ -103,6 +105,7 @@ class _Driver:
     def answered(self, status: int, body: bytes) -> None:
         now = time.perf_counter()
         run = self.run
+        run.answers += 1
         problem = "connection lost" if status == 0 else self.session.check(status, body)
         if now >= run.measure_from:
             run.latencies.append(now - self.sent_at)
@@ -125,6 +128,8 @@ class _Run:
         self.measure_from = measure_from
         self.stop_at = stop_at
         self.last_answer = measure_from
+        self.answers = 0
+        """Every answer, warm-up and drain included (for CPU cost per request)."""
         self.latencies: list[float] = []
         self.errors: Counter[str] = Counter()
         self.pending = drivers
@@ -173,7 +178,7 @@ async def closed_loop(
         connection.abort()
     elapsed = max(run.last_answer - run.measure_from, 1e-9)
     errors = sum(run.errors.values())
-    return LoadResult(len(run.latencies), errors, elapsed, run.latencies, run.errors)
+    return LoadResult(len(run.latencies), errors, elapsed, run.latencies, run.errors, run.answers)
 
 
 # -- workloads ---------------------------------------------------------------------------------

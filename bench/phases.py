@@ -18,7 +18,7 @@ from bench.load import DpRankPairs, Health, LoadResult, RoomFlood, RouteLookups,
 from bench.payloads import Topology, cell_path
 from bench.server import Server
 from bench.stats import Stat
-from bench.storm import storm, verify_table
+from bench.storm import state_commits, storm, verify_table
 from bench.wire import new_loop
 
 __all__ = ["PHASES", "Phase", "PhaseResult", "Plan"]
@@ -45,6 +45,8 @@ class Plan:
     memory_rooms: int = 1_000_000
     use_wrk: bool = True
     server_args: tuple[str, ...] = ()
+    toy: bool = False
+    """Toy sizes: the table then shows figures but never judges them against targets."""
 
     @classmethod
     def smoke(cls) -> Plan:
@@ -60,6 +62,7 @@ class Plan:
             memory_ranks=64,
             memory_rooms=3000,
             use_wrk=False,
+            toy=True,
         )
 
 
@@ -115,13 +118,22 @@ def _storm_runs(plan: Plan, result: PhaseResult, ranks: int, in_flight: int | No
         with _server(plan) as server:
             server_cpu, client_cpu = server.cpu_seconds(), time.process_time()
             outcome = _run(storm(server.port, topology, in_flight))
+            server_cpu = server.cpu_seconds() - server_cpu
             busy = {
-                "server_cpu_seconds": round(server.cpu_seconds() - server_cpu, 3),
+                "server_cpu_seconds": round(server_cpu, 3),
                 "client_cpu_seconds": round(time.process_time() - client_cpu, 3),
+                "server_us_per_registration": round(1e6 * server_cpu / ranks, 1),
             }
             problems = _run(verify_table(server.port, topology)) if not outcome.failures else []
+            busy["state_commits"] = _run(state_commits(server.port))
             memory = server.memory()
-        result.add({f"seconds_{key}": outcome.seconds, f"failures_{key}": outcome.failures})
+        result.add(
+            {
+                f"seconds_{key}": outcome.seconds,
+                f"failures_{key}": outcome.failures,
+                f"server_us_per_registration_{key}": busy["server_us_per_registration"],
+            }
+        )
         result.runs.append(
             {**outcome.summary(), **busy, "topology": str(topology), "memory_mb": memory}
         )
@@ -153,9 +165,11 @@ def _load(plan: Plan, server: Server, workload: Any) -> tuple[LoadResult, dict[s
     server_cpu, client_cpu, wall = server.cpu_seconds(), time.process_time(), time.perf_counter()
     outcome = _run(closed_loop(server.port, workload, plan.connections, plan.seconds, plan.warmup))
     wall = time.perf_counter() - wall
+    server_cpu = server.cpu_seconds() - server_cpu
     busy = {
-        "server_cpu_pct": round(100 * (server.cpu_seconds() - server_cpu) / wall, 1),
+        "server_cpu_pct": round(100 * server_cpu / wall, 1),
         "client_cpu_pct": round(100 * (time.process_time() - client_cpu) / wall, 1),
+        "server_us_per_request": round(1e6 * server_cpu / max(outcome.answers, 1), 1),
     }
     return outcome, busy
 
@@ -185,6 +199,7 @@ def steady_load(plan: Plan) -> PhaseResult:
                         f"{workload.name}_errors": summary["errors"],
                         f"{workload.name}_server_cpu_pct": busy["server_cpu_pct"],
                         f"{workload.name}_client_cpu_pct": busy["client_cpu_pct"],
+                        f"{workload.name}_server_us_per_request": busy["server_us_per_request"],
                     }
                 )
                 if outcome.errors:

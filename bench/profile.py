@@ -111,8 +111,8 @@ def _py_spy() -> str:
 def _record(pid: int, out: Path, rate: int, native: bool) -> subprocess.Popen[bytes]:
     command = [_py_spy(), "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw"]
     command += ["--output", str(out), "--threads"]
-    if native:
-        command.append("--native")
+    # Non-blocking sampling disturbs the server least, but py-spy needs to pause it for C frames.
+    command.append("--native" if native else "--nonblocking")
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(1.0)  # let py-spy attach before the load starts
     return process

@@ -6,6 +6,7 @@ correctness (a failed registration or a wrong answer).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import platform
@@ -95,6 +96,9 @@ def rows(results: dict[str, PhaseResult], plan: Plan) -> list[Row]:
         target = {512: "≤ 0.25 s", 4096: "≤ 1 s"}.get(ranks, "-")
         limit = {512: 0.25, 4096: 1.0}.get(ranks)
         failed = f", {int(failures.high)} failed" if failures and failures.high else ", 0 failed"
+        cost = stat("storm", f"server_us_per_registration_{ranks}")
+        if cost and cost.runs:
+            failed += f"; server {cost.show(0, 'µs')} CPU/registration"
         out.append(
             Row(
                 f"storm: {ranks} ranks at once → complete",
@@ -129,9 +133,13 @@ def rows(results: dict[str, PhaseResult], plan: Plan) -> list[Row]:
             met = "yes" if rate.median >= rate_target and p99.median <= p99_target else "no"
         server_cpu = stat(load, f"{name}_server_cpu_pct")
         client_cpu = stat(load, f"{name}_client_cpu_pct")
+        cost = stat(load, f"{name}_server_us_per_request")
         busy = ""
-        if server_cpu and client_cpu and server_cpu.runs:
-            busy = f" (CPU: server {server_cpu.median:.0f}%, client {client_cpu.median:.0f}%)"
+        if server_cpu and client_cpu and cost and server_cpu.runs:
+            busy = (
+                f"; server {cost.show(0, 'µs')} CPU/request; CPU busy: server"
+                f" {server_cpu.median:.0f}%, client {client_cpu.median:.0f}%"
+            )
         out.append(
             Row(
                 f"{label}, {plan.connections} conns",
@@ -182,6 +190,8 @@ def rows(results: dict[str, PhaseResult], plan: Plan) -> list[Row]:
             _met(start, lambda v: v <= 1.0),
         )
     )
+    if plan.toy:
+        out = [dataclasses.replace(row, met="-") for row in out]
     return out
 
 

@@ -10,6 +10,7 @@ backlog overflow or a 503 shows up as a failure rather than as a slower figure.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import orjson
 from bench.payloads import INFO_PATH, Topology, cell_path, expected_address, registration_requests
 from bench.wire import build_request, connect, fetch
 
-__all__ = ["StormResult", "storm", "verify_table"]
+__all__ = ["StormResult", "state_commits", "storm", "verify_table"]
 
 REQUEST_TIMEOUT = 60.0
 SLOW_CONNECT = 0.9
@@ -123,3 +124,10 @@ async def verify_table(port: int, topology: Topology, samples: int = 16) -> list
         if answer.status != 200 or orjson.loads(answer.body) != expected_address(index):
             problems.append(f"cell {cells[index]} answered {answer.status} {answer.body[:80]!r}")
     return problems
+
+
+async def state_commits(port: int) -> int | None:
+    """How many durable commits the server made so far (its group-commit batching at work)."""
+    answer = await fetch("127.0.0.1", port, build_request("GET", "/metrics"))
+    found = re.search(rb"^prefill_bootstrap_state_commits_total ([0-9.e+]+)$", answer.body, re.M)
+    return int(float(found.group(1))) if answer.status == 200 and found else None
