@@ -92,11 +92,17 @@ def _connects(host: str, port: int, timeout: float) -> str | None:
         return exc.strerror or str(exc)
 
 
+def _resolve(host: str, port: int) -> str:
+    return str(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0])
+
+
 def diagnose(
     options: DoctorOptions,
     client_factory: Callable[[str], httpx.Client] | None = None,
+    resolve: Callable[[str, int], str] = _resolve,
 ) -> list[Check]:
-    """Run every check; ``client_factory(base_url)`` lets tests inject a transport."""
+    """Run every check; ``client_factory(base_url)`` and ``resolve(host, port)`` let tests
+    inject a transport and a name service."""
     found = _Findings()
     try:
         host, port, source = _target(options)
@@ -105,7 +111,7 @@ def diagnose(
         return found.checks
 
     try:
-        resolved = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0]
+        resolved = resolve(host, port)
         found.add("resolve", "ok", f"{host} resolves to {resolved} ({source})")
     except socket.gaierror as exc:
         found.add(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from prefill_bootstrap.client.doctor import DoctorOptions, diagnose, healthy
 from tests.conftest import ServerProcess, free_port, sglang_registration
 
 pytestmark = pytest.mark.timeout(60)
@@ -117,9 +119,13 @@ def test_an_empty_server_is_a_warning_not_a_pass(server: ServerProcess) -> None:
 
 
 def test_an_unresolvable_leader_name_fails_first() -> None:
-    code, report, _ = doctor(
-        "--dist-init-addr", "no-such-host.invalid:5000", "--nnodes", "2", "--bootstrap-port", "8998"
-    )
-    assert code == 1
-    assert statuses(report)["resolve"] == "fail"
-    assert statuses(report)["connect"] == "skip"
+    # An injected name service: a real lookup of a bogus name would leave the machine.
+    def no_such_name(host: str, port: int) -> str:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    options = DoctorOptions(dist_init_addr="leader.example:5000", bootstrap_port=8998, nnodes=2)
+    checks = {check.step: check for check in diagnose(options, resolve=no_such_name)}
+    assert checks["resolve"].status == "fail"
+    assert "leader.example does not resolve" in checks["resolve"].detail
+    assert checks["connect"].status == "skip"
+    assert not healthy(list(checks.values()))
