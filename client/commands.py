@@ -182,6 +182,11 @@ def _run_wait(args: argparse.Namespace) -> int:
 
 def _run_table(args: argparse.Namespace) -> int:
     with _client(args) as client, _logging_to_stderr(args):
+        if args.watch:
+            from prefill_bootstrap.client.live import watch_table
+
+            watch_table(client.table, url=client.base_url, interval=args.interval, count=args.count)
+            return 0
         report = client.table(wait=args.wait)
         if args.json:
             print(report.model_dump_json(indent=2))
@@ -247,6 +252,11 @@ def _add_table(commands: Any, options: argparse.ArgumentParser) -> None:
         "--wait", type=float, default=0.0, help="long-poll up to this many seconds first"
     )
     table.add_argument("--width", type=int, help="grid width (default: the terminal's)")
+    table.add_argument(
+        "--watch", action="store_true", help="redraw the grid in place, in colour, until Ctrl-C"
+    )
+    table.add_argument("--interval", type=float, default=2.0, help="seconds between redraws (2)")
+    table.add_argument("--count", type=int, help="with --watch: stop after this many redraws")
     table.set_defaults(run=_run_table, parser=table)
 
 

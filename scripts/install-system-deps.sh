@@ -7,6 +7,7 @@ packages=(
     procps     # pkill/ps used by test clean-up
     curl       # the README tour and container checks
     chromium   # the status page test drives a real headless browser
+    tmux       # the live terminal grid (table --watch) is tested in a real terminal
     buildah    # the sidecar image: built offline by scripts/build-image.sh
     podman     # ... and run by tests/test_container_image.py
     runc       # podman's OCI runtime here
