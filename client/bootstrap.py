@@ -16,8 +16,10 @@ from typing import Any
 import httpx
 
 from prefill_bootstrap.client.addresses import bootstrap_url, resolve_bootstrap_host
+from prefill_bootstrap.client.core import as_registration
 from prefill_bootstrap.client.http import DEFAULT_TIMEOUT, BootstrapClient
-from prefill_bootstrap.client.port_sync import current_rank, sync_bootstrap_port
+from prefill_bootstrap.client.lease import LeaseKeeper
+from prefill_bootstrap.client.port_sync import current_rank, sync_auth_token, sync_bootstrap_port
 from prefill_bootstrap.client.protocol import RankRegistration, TableReport
 from prefill_bootstrap.client.retry import DEFAULT_RETRY, RetryPolicy
 
@@ -42,6 +44,8 @@ def bootstrap_prefill_rank(
     verify: Any = True,
     request_timeout: float = DEFAULT_TIMEOUT,
     transport: httpx.BaseTransport | None = None,
+    share_auth_token: bool = False,
+    keep_lease: bool = True,
 ) -> TableReport:
     """Sync the port, register, wait for the complete table; return the final table report.
 
@@ -53,21 +57,37 @@ def bootstrap_prefill_rank(
     ``RegistrationFailed`` (server unreachable past the retry policy), ``RequestRejected`` (the
     server refused the registration, e.g. 409 topology conflict) or ``TableIncomplete`` (naming
     the missing cells).
+
+    ``share_auth_token``: rank 0's ``auth_token`` goes to every rank with the port (another
+    collective), so only the leader needs the secret. ``keep_lease``: when the registration
+    carries ``lease_seconds``, a background thread keeps renewing it (``LeaseKeeper``; stopped at
+    exit or by ``stop_all_lease_keepers()``).
     """
     port = sync_bootstrap_port(
         local_port, dist_init_addr=dist_init_addr, nnodes=nnodes, group=group
     )
+    if share_auth_token:
+        auth_token = sync_auth_token(
+            auth_token, dist_init_addr=dist_init_addr, nnodes=nnodes, group=group
+        )
     host = resolve_bootstrap_host(dist_init_addr, local_host, nnodes=nnodes)
-    with BootstrapClient(
-        bootstrap_url(host, port, scheme),
-        timeout=request_timeout,
-        retry=retry,
-        auth_token=auth_token,
-        transport=transport,
-        verify=verify,
-        rank=current_rank(),
-    ) as client:
-        client.register(registration)
+
+    def connect() -> BootstrapClient:
+        return BootstrapClient(
+            bootstrap_url(host, port, scheme),
+            timeout=request_timeout,
+            retry=retry,
+            auth_token=auth_token,
+            transport=transport,
+            verify=verify,
+            rank=current_rank(),
+        )
+
+    reg = as_registration(registration)
+    with connect() as client:
+        client.register(reg)
+        if reg.lease_seconds is not None and keep_lease:
+            LeaseKeeper(connect(), reg).start()
         if wait_timeout is None:
             return client.table()
         return client.wait_until_complete(wait_timeout)

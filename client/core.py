@@ -32,6 +32,7 @@ from prefill_bootstrap.client.errors import (
     format_cell,
 )
 from prefill_bootstrap.client.protocol import (
+    HEARTBEAT_PATH,
     ROUTE_PATH,
     SERVER_INFO_QUERY,
     TABLE_PATH,
@@ -54,6 +55,7 @@ __all__ = [
     "Core",
     "Registration",
     "WaitPlan",
+    "as_registration",
     "describe_invalid",
 ]
 
@@ -152,7 +154,7 @@ class Core:
     # -- the calls -------------------------------------------------------------------------------
 
     def register_call(self, registration: Registration) -> tuple[RankRegistration, Call[None]]:
-        reg = _validated(registration)
+        reg = as_registration(registration)
         cell = format_cell(reg.cell)
         call: Call[None] = Call(
             "PUT",
@@ -166,6 +168,29 @@ class Core:
             registering=True,
         )
         return reg, call
+
+    def heartbeat_call(self, registration: Registration) -> Call[float | None]:
+        """``POST /heartbeat``: renew a leased cell; answers the new expiry (unix seconds)."""
+        reg = as_registration(registration)
+        cell = reg.cell
+        return Call(
+            "POST",
+            HEARTBEAT_PATH,
+            action=f"renew the lease of cell {format_cell(cell)}",
+            noun="heartbeat",
+            read=lambda response: _json_object(response).get("lease_expires_at"),
+            policy=self.retry,
+            timeout=httpx.Timeout(self.timeout),
+            json={
+                "dp": cell.dp,
+                "cp": cell.cp,
+                "tp": cell.tp,
+                "pp": cell.pp,
+                "rank_ip": reg.rank_ip,
+                "rank_port": reg.rank_port,
+            },
+            not_found=lambda: CellNotFound(cell),
+        )
 
     def lookup_call(self, cell: Cell) -> Call[RankAddress]:
         return Call(
@@ -358,7 +383,8 @@ def describe_invalid(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _validated(registration: Registration) -> RankRegistration:
+def as_registration(registration: Registration) -> RankRegistration:
+    """A registration validated on this side, so a bad one never leaves the rank."""
     if isinstance(registration, RankRegistration):
         return registration
     try:

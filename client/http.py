@@ -99,6 +99,12 @@ class BootstrapClient:
         self._run(call)
         self._core.registered(reg)
 
+    def heartbeat(self, registration: Registration) -> float | None:
+        """Renew a leased cell (``POST /heartbeat``); the new expiry, or None without a lease.
+        ``CellNotFound`` if the server forgot the cell, ``RequestRejected`` (409) if another
+        address holds it now."""
+        return self._run(self._core.heartbeat_call(registration))
+
     def lookup(self, dp: int, cp: int, tp: int, pp: int) -> RankAddress:
         """The address of one cell (``GET /route``); retried while the table is incomplete."""
         return self._run(self._core.lookup_call(Cell(dp, cp, tp, pp)))
@@ -183,6 +189,9 @@ class AsyncBootstrapClient:
         reg, call = self._core.register_call(registration)
         await self._run(call)
         self._core.registered(reg)
+
+    async def heartbeat(self, registration: Registration) -> float | None:
+        return await self._run(self._core.heartbeat_call(registration))
 
     async def lookup(self, dp: int, cp: int, tp: int, pp: int) -> RankAddress:
         return await self._run(self._core.lookup_call(Cell(dp, cp, tp, pp)))

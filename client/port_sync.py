@@ -23,7 +23,7 @@ from prefill_bootstrap.client.errors import (
     PortSyncFailed,
 )
 
-__all__ = ["current_rank", "sync_bootstrap_port"]
+__all__ = ["current_rank", "sync_auth_token", "sync_bootstrap_port"]
 
 log = logging.getLogger("prefill_bootstrap.client")
 
@@ -52,6 +52,54 @@ def _device_for(dist: Any, torch: Any, group: Any) -> Any:
     return torch.device("cpu")
 
 
+def _initialised_torch(dist_init_addr: str, nnodes: int | None, what: str) -> tuple[Any, Any]:
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"multi-node prefill (nnodes={nnodes}, dist_init_addr={dist_init_addr}) needs torch "
+            f"to broadcast {what}, and torch is not installed: "
+            "pip install 'prefill-bootstrap[torch]'"
+        ) from exc
+    if not (dist.is_available() and dist.is_initialized()):
+        raise DistributedNotInitialized(nnodes or 0, dist_init_addr)
+    return torch, dist
+
+
+def _broadcast(torch: Any, dist: Any, values: list[int], leader: int, group: Any) -> list[int]:
+    """Rank ``leader``'s integers to every rank of ``group`` (a plain tensor: no pickling)."""
+    try:
+        tensor = torch.tensor(values, dtype=torch.int64, device=_device_for(dist, torch, group))
+        dist.broadcast(tensor, src=leader, group=group)
+        return [int(value) for value in tensor.tolist()]
+    except (RuntimeError, ValueError) as exc:  # torch's DistBackendError is a RuntimeError
+        backend = str(dist.get_backend(group))
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        raise PortSyncFailed(dist.get_rank(), backend, detail) from exc
+
+
+def sync_auth_token(
+    token: str | None, *, dist_init_addr: str | None, nnodes: int | None, group: Any = None
+) -> str | None:
+    """The leader's bearer token, for every rank (so only rank 0 needs the secret mounted).
+
+    A collective like ``sync_bootstrap_port``: all ranks call it together. Single node: ``token``.
+    """
+    if not is_multi_node(dist_init_addr, nnodes):
+        return token
+    assert dist_init_addr is not None
+    torch, dist = _initialised_torch(dist_init_addr, nnodes, "the leader's auth token")
+    leader = 0 if group is None else dist.get_global_rank(group, 0)
+    mine = (token or "").encode()
+    [length] = _broadcast(torch, dist, [len(mine)], leader, group)
+    if length == 0:
+        return None
+    padded = list(mine[:length]) + [0] * max(0, length - len(mine))
+    shared = bytes(_broadcast(torch, dist, padded, leader, group)).decode()
+    return shared
+
+
 def sync_bootstrap_port(
     local_port: int,
     *,
@@ -71,27 +119,10 @@ def sync_bootstrap_port(
     if not is_multi_node(dist_init_addr, nnodes):
         return local_port
     assert dist_init_addr is not None
-    try:
-        import torch
-        import torch.distributed as dist
-    except ImportError as exc:
-        raise ConfigurationError(
-            f"multi-node prefill (nnodes={nnodes}, dist_init_addr={dist_init_addr}) needs torch "
-            "to broadcast the leader's bootstrap port, and torch is not installed: "
-            "pip install 'prefill-bootstrap[torch]'"
-        ) from exc
-    if not (dist.is_available() and dist.is_initialized()):
-        raise DistributedNotInitialized(nnodes or 0, dist_init_addr)
-
+    torch, dist = _initialised_torch(dist_init_addr, nnodes, "the leader's bootstrap port")
     rank = dist.get_rank()
     leader = 0 if group is None else dist.get_global_rank(group, 0)
-    backend = str(dist.get_backend(group))
-    try:
-        port = torch.tensor([local_port], dtype=torch.int64, device=_device_for(dist, torch, group))
-        dist.broadcast(port, src=leader, group=group)
-        leader_port = int(port.item())
-    except (RuntimeError, ValueError) as exc:  # torch's DistBackendError is a RuntimeError
-        raise PortSyncFailed(rank, backend, str(exc).splitlines()[0] if str(exc) else "") from exc
+    [leader_port] = _broadcast(torch, dist, [local_port], leader, group)
 
     if not 1 <= leader_port <= 65535:
         raise ConfigurationError(

@@ -24,6 +24,7 @@ from pydantic import (
 __all__ = [
     "DEFAULT_PORT",
     "HEALTH_PATH",
+    "HEARTBEAT_PATH",
     "MAX_BODY_BYTES",
     "MAX_ROOM",
     "OPTIONAL_INFO_KEYS",
@@ -53,6 +54,7 @@ ROUTE_PATH = "/route"
 HEALTH_PATH = "/health"
 READY_PATH = "/ready"
 TABLE_PATH = "/prefill_port_table"
+HEARTBEAT_PATH = "/heartbeat"
 MAX_BODY_BYTES = 1 << 20
 MAX_ROOM = (1 << 63) - 1
 SERVER_INFO_QUERY = {

@@ -61,7 +61,7 @@ def _rank_main(rank: int, plan: dict[str, Any]) -> None:
         TableIncomplete,
     )
     from prefill_bootstrap.client.http import BootstrapClient
-    from prefill_bootstrap.client.port_sync import sync_bootstrap_port
+    from prefill_bootstrap.client.port_sync import sync_auth_token, sync_bootstrap_port
     from prefill_bootstrap.client.retry import RetryPolicy
 
     dist_init_addr = plan["dist_init_addr"]
@@ -82,6 +82,9 @@ def _rank_main(rank: int, plan: dict[str, Any]) -> None:
                 outcome["port"] = sync_bootstrap_port(
                     local_port, dist_init_addr=dist_init_addr, nnodes=NODES, group=group
                 )
+        elif plan["mode"] == "token-only":
+            mine = plan["token"] if rank == 0 else None
+            outcome["token"] = sync_auth_token(mine, dist_init_addr=dist_init_addr, nnodes=NODES)
         elif plan["mode"] == "bootstrap":
             report = bootstrap_prefill_rank(
                 registration(rank),
@@ -90,6 +93,8 @@ def _rank_main(rank: int, plan: dict[str, Any]) -> None:
                 nnodes=NODES,
                 wait_timeout=plan["wait_timeout"],
                 retry=retry,
+                auth_token=plan.get("token") if rank == 0 else None,
+                share_auth_token=bool(plan.get("token")),
             )
             outcome["cells"] = [[*cell.cell, cell.rank_ip, cell.rank_port] for cell in report.cells]
             outcome["complete"] = report.complete
@@ -209,3 +214,29 @@ def test_without_port_sync_the_leaders_wait_names_exactly_the_missing_cells(
             in (outcome["message"])
         )
         assert "hosts that did register: 127.0.0.1" in outcome["message"]
+
+
+def test_every_rank_receives_the_leaders_token(tmp_path: Path, node_ports: list[int]) -> None:
+    outcomes = run_world(
+        tmp_path, mode="token-only", node_ports=node_ports, retry_deadline=1, token="s3cr3t-é"
+    )
+    assert {rank: outcome.get("token") for rank, outcome in outcomes.items()} == dict.fromkeys(
+        range(WORLD), "s3cr3t-é"
+    )
+
+
+def test_only_the_leader_needs_the_token_to_register_the_whole_group(
+    tmp_path: Path, server_factory: Callable[..., ServerProcess]
+) -> None:
+    server = server_factory("--auth-token", "group-secret", durable=False)
+    outcomes = run_world(
+        tmp_path,
+        mode="bootstrap",
+        node_ports=[server.port, free_port()],
+        retry_deadline=20,
+        wait_timeout=30,
+        token="group-secret",
+    )
+    for rank, outcome in outcomes.items():
+        assert "error" not in outcome, f"rank {rank}: {outcome.get('message')}"
+        assert outcome["complete"] is True
