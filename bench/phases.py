@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from bench import wrk
 from bench.load import DpRankPairs, Health, LoadResult, RoomFlood, RouteLookups, closed_loop
 from bench.payloads import Topology, cell_path
-from bench.server import Server
+from bench.server import Server, core_busy, core_times
 from bench.stats import Stat
 from bench.storm import state_commits, storm, verify_table
 from bench.wire import new_loop
@@ -159,9 +159,10 @@ def capped_storm(plan: Plan) -> PhaseResult:
     return result
 
 
-def _load(plan: Plan, server: Server, workload: Any) -> tuple[LoadResult, dict[str, float]]:
+def _load(plan: Plan, server: Server, workload: Any) -> tuple[LoadResult, dict[str, Any]]:
     """The load, and how busy each side's core was: a server near 100% is the bottleneck; a
     load generator near 100% would mean we measure the client."""
+    cores = core_times()
     server_cpu, client_cpu, wall = server.cpu_seconds(), time.process_time(), time.perf_counter()
     outcome = _run(closed_loop(server.port, workload, plan.connections, plan.seconds, plan.warmup))
     wall = time.perf_counter() - wall
@@ -170,6 +171,7 @@ def _load(plan: Plan, server: Server, workload: Any) -> tuple[LoadResult, dict[s
         "server_cpu_pct": round(100 * server_cpu / wall, 1),
         "client_cpu_pct": round(100 * (time.process_time() - client_cpu) / wall, 1),
         "server_us_per_request": round(1e6 * server_cpu / max(outcome.answers, 1), 1),
+        "core_busy_pct": core_busy(cores),
     }
     return outcome, busy
 
@@ -200,6 +202,7 @@ def steady_load(plan: Plan) -> PhaseResult:
                         f"{workload.name}_server_cpu_pct": busy["server_cpu_pct"],
                         f"{workload.name}_client_cpu_pct": busy["client_cpu_pct"],
                         f"{workload.name}_server_us_per_request": busy["server_us_per_request"],
+                        f"{workload.name}_core0_busy_pct": busy["core_busy_pct"].get("cpu0", 0.0),
                     }
                 )
                 if outcome.errors:

@@ -136,9 +136,11 @@ def rows(results: dict[str, PhaseResult], plan: Plan) -> list[Row]:
         cost = stat(load, f"{name}_server_us_per_request")
         busy = ""
         if server_cpu and client_cpu and cost and server_cpu.runs:
+            core0 = stat(load, f"{name}_core0_busy_pct")
             busy = (
                 f"; server {cost.show(0, 'µs')} CPU/request; CPU busy: server"
                 f" {server_cpu.median:.0f}%, client {client_cpu.median:.0f}%"
+                + (f", core 0 {core0.median:.0f}%" if core0 and core0.runs else "")
             )
         out.append(
             Row(

@@ -22,6 +22,8 @@ from pathlib import Path
 
 __all__ = [
     "Server",
+    "core_busy",
+    "core_times",
     "cpu_seconds",
     "free_port",
     "memory_mb",
@@ -79,6 +81,28 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far (from /proc/<pid>/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def core_times() -> dict[str, tuple[int, int]]:
+    """Per core: (busy, total) clock ticks so far, from /proc/stat. Busy includes other
+    tenants and the kernel's softirq work for loopback TCP, which no process is charged for."""
+    times: dict[str, tuple[int, int]] = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name != "cpu":
+            ticks = [int(value) for value in fields[:8]]
+            idle = ticks[3] + ticks[4]  # idle + iowait
+            times[name] = (sum(ticks) - idle, sum(ticks))
+    return times
+
+
+def core_busy(before: dict[str, tuple[int, int]]) -> dict[str, float]:
+    """Percent busy per core since ``before`` (a ``core_times()`` reading)."""
+    busy: dict[str, float] = {}
+    for name, (used, total) in core_times().items():
+        used0, total0 = before.get(name, (0, 0))
+        busy[name] = round(100 * (used - used0) / max(total - total0, 1), 1)
+    return busy
 
 
 def _health_ok(port: int) -> bool:
