@@ -16,7 +16,20 @@ from prefill_bootstrap.client.http import DEFAULT_TIMEOUT
 from prefill_bootstrap.client.protocol import DEFAULT_PORT
 from prefill_bootstrap.client.retry import DEFAULT_RETRY, RetryPolicy
 
-__all__ = ["ClientSettings"]
+__all__ = ["AUTH_TOKEN_VARIABLES", "ClientSettings", "blank_is_none"]
+
+
+AUTH_TOKEN_VARIABLES = AliasChoices(
+    "PREFILL_BOOTSTRAP_AUTH_TOKEN", "SGLANG_DISAGGREGATION_BOOTSTRAP_AUTH_TOKEN"
+)
+"""Where both sides read the token: ours, or the name SGLang's proposed fix uses."""
+
+
+def blank_is_none(cls: type, value: object) -> object:
+    """An empty or blank token (an unset variable rendered by a template) means no token."""
+    if isinstance(value, str) and not value.strip():
+        return None
+    return value
 
 
 class ClientSettings(BaseSettings):
@@ -31,23 +44,14 @@ class ClientSettings(BaseSettings):
     auth_token: SecretStr | None = Field(
         None,
         description="sent as 'Authorization: Bearer <token>'",
-        validation_alias=AliasChoices(
-            "auth_token",
-            "PREFILL_BOOTSTRAP_AUTH_TOKEN",
-            "SGLANG_DISAGGREGATION_BOOTSTRAP_AUTH_TOKEN",
-        ),
+        validation_alias=AUTH_TOKEN_VARIABLES,
     )
     cacert: str | None = Field(None, description="PEM CA bundle that signed the server's cert")
     request_timeout_seconds: Annotated[float, Field(gt=0)] = DEFAULT_TIMEOUT
     retry_deadline_seconds: Annotated[float, Field(ge=0)] = DEFAULT_RETRY.deadline
     retry_attempts: Annotated[int, Field(ge=1)] = DEFAULT_RETRY.attempts
 
-    @field_validator("auth_token", mode="before")
-    @classmethod
-    def _empty_token_means_none(cls, value: object) -> object:
-        if isinstance(value, str) and not value.strip():
-            return None
-        return value
+    _blank_token_is_none = field_validator("auth_token", mode="before")(blank_is_none)
 
     @property
     def token(self) -> str | None:

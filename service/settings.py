@@ -8,10 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from prefill_bootstrap.client.protocol import DEFAULT_PORT, MAX_BODY_BYTES
+from prefill_bootstrap.client.settings import AUTH_TOKEN_VARIABLES, blank_is_none
 
 __all__ = ["DEFAULT_STATE_DIR", "ServerSettings"]
 
@@ -58,10 +59,7 @@ class ServerSettings(BaseSettings):
     auth_token: SecretStr | None = Field(
         None,
         description="bearer token required on writes (and reads with auth_reads)",
-        validation_alias=AliasChoices(
-            "PREFILL_BOOTSTRAP_AUTH_TOKEN",
-            "SGLANG_DISAGGREGATION_BOOTSTRAP_AUTH_TOKEN",
-        ),
+        validation_alias=AUTH_TOKEN_VARIABLES,
     )
     auth_reads: bool = Field(False, description="require the token on reads too")
     ssl_certfile: Path | None = Field(None, description="serve HTTPS with this certificate")
@@ -75,12 +73,7 @@ class ServerSettings(BaseSettings):
         1.0, description="how often expired rank leases are looked for"
     )
 
-    @field_validator("auth_token", mode="before")
-    @classmethod
-    def _empty_token_means_none(cls, value: object) -> object:
-        if isinstance(value, str) and not value.strip():
-            return None
-        return value
+    _blank_token_is_none = field_validator("auth_token", mode="before")(blank_is_none)
 
     @model_validator(mode="after")
     def _tls_needs_both_files(self) -> ServerSettings:
