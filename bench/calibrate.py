@@ -62,9 +62,10 @@ async def _raw(port: int, seconds: float) -> tuple[int, int]:
 
 
 def main(seconds: float = 5.0) -> int:
-    print(f"calibrate: {pin_load_generator()}, GET /health, {CONNECTIONS} connections")
+    pinning = pin_load_generator()
+    print(f"calibrate: {pinning.description}, GET /health, {CONNECTIONS} connections")
     raise_fd_limit()
-    with Server() as server:
+    with Server(cpus=pinning.server_cpus) as server:
         _measure("raw", server, _raw(server.port, seconds), seconds)
         _measure("httpx", server, httpx_rate(server.port, seconds), seconds)
     return 0

@@ -63,11 +63,13 @@ def _plan(args: argparse.Namespace) -> Plan:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    plan = _plan(args)
     pinning = pin_load_generator()
+    plan = dataclasses.replace(_plan(args), server_cpus=pinning.server_cpus)
     raise_fd_limit()
-    about = machine(pinning)
-    print(f"bench: {about['cpu']}, {about['cores']} cores, {pinning}; plan {plan}", flush=True)
+    about = machine(pinning.description)
+    about["load_generator_affinity"] = sorted(os.sched_getaffinity(0))
+    print(f"bench: {about['cpu']}, {about['cores']} cores, {pinning.description}", flush=True)
+    print(f"bench: {plan}", flush=True)
     results: dict[str, PhaseResult] = {}
     started = time.monotonic()
     for name in args.phase or list(PHASES):

@@ -45,6 +45,8 @@ class Plan:
     memory_rooms: int = 1_000_000
     use_wrk: bool = True
     server_args: tuple[str, ...] = ()
+    server_cpus: str | None = None
+    """Where servers run (``taskset -c``); the CLI sets it from ``pin_load_generator``."""
     toy: bool = False
     """Toy sizes: the table then shows figures but never judges them against targets."""
 
@@ -98,7 +100,7 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 def _server(plan: Plan) -> Server:
-    return Server(extra_args=list(plan.server_args))
+    return Server(extra_args=list(plan.server_args), cpus=plan.server_cpus)
 
 
 def startup(plan: Plan) -> PhaseResult:
@@ -107,7 +109,9 @@ def startup(plan: Plan) -> PhaseResult:
     for _ in range(plan.runs):
         with _server(plan) as server:
             result.add({"seconds": server.healthy_after})
-            result.runs.append({"seconds": round(server.healthy_after, 4)})
+            result.runs.append(
+                {"seconds": round(server.healthy_after, 4), "server_affinity": server.affinity}
+            )
     return result
 
 

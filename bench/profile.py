@@ -135,10 +135,10 @@ def _run(coroutine: object) -> object:
         loop.close()
 
 
-def profile_route(out_dir: Path, seconds: float, rate: int, native: bool) -> Path:
+def profile_route(out_dir: Path, seconds: float, rate: int, native: bool, cpus: str | None) -> Path:
     topology = Topology.for_ranks(512)
     raw = out_dir / f"profile-route{'-native' if native else ''}.txt"
-    with Server() as server:
+    with Server(cpus=cpus) as server:
         _run(storm(server.port, topology, 64))
         recorder = _record(server.pid, raw, rate, native)
         outcome = _run(closed_loop(server.port, RouteLookups(topology), 64, seconds, 0.5))
@@ -147,9 +147,9 @@ def profile_route(out_dir: Path, seconds: float, rate: int, native: bool) -> Pat
     return raw
 
 
-def profile_storm(out_dir: Path, ranks: int, rate: int, native: bool) -> Path:
+def profile_storm(out_dir: Path, ranks: int, rate: int, native: bool, cpus: str | None) -> Path:
     raw = out_dir / f"profile-storm-{ranks}{'-native' if native else ''}.txt"
-    with Server() as server:
+    with Server(cpus=cpus) as server:
         recorder = _record(server.pid, raw, rate, native)
         outcome = _run(storm(server.port, Topology.for_ranks(ranks)))
         _stop(recorder)
@@ -165,12 +165,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--native", action="store_true", help="include C frames (uvloop, ...)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    print(f"profile: {pin_load_generator()}")
+    pinning = pin_load_generator()
+    print(f"profile: {pinning.description}")
     raise_fd_limit()
     args.out.mkdir(parents=True, exist_ok=True)
     for raw in (
-        profile_route(args.out, args.seconds, args.rate, args.native),
-        profile_storm(args.out, args.ranks, args.rate, args.native),
+        profile_route(args.out, args.seconds, args.rate, args.native, pinning.server_cpus),
+        profile_storm(args.out, args.ranks, args.rate, args.native, pinning.server_cpus),
     ):
         summary = summarise(raw.read_text()) if raw.exists() else "py-spy wrote nothing\n"
         summary_path = raw.with_name(raw.stem + "-summary.txt")

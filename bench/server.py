@@ -19,8 +19,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 __all__ = [
+    "Pinning",
     "Server",
     "core_busy",
     "core_times",
@@ -29,26 +31,28 @@ __all__ = [
     "memory_mb",
     "pin_load_generator",
     "raise_fd_limit",
-    "server_cpus",
 ]
 
 START_DEADLINE = 30.0
 
 
-def server_cpus() -> str | None:
-    """The core list for ``taskset``: core 0 when there are two or more, else no pinning."""
-    if len(os.sched_getaffinity(0)) >= 2 and shutil.which("taskset"):
-        return "0"
-    return None
+class Pinning(NamedTuple):
+    server_cpus: str | None
+    """The ``taskset -c`` list for servers, or None when there is one core to share."""
+    description: str
 
 
-def pin_load_generator() -> str:
-    """Pin this process to core 1 (two cores or more); say what was done, for the report."""
+def pin_load_generator() -> Pinning:
+    """Pin this process (the load generator) to core 1 and reserve core 0 for the server.
+
+    Decided once, before pinning: a server started later must not inherit this process's
+    affinity, or server and load generator would share core 1.
+    """
     cores = sorted(os.sched_getaffinity(0))
-    if len(cores) >= 2 and 1 in cores:
+    if len(cores) >= 2 and {0, 1} <= set(cores) and shutil.which("taskset"):
         os.sched_setaffinity(0, {1})
-        return "server on core 0, load generator on core 1"
-    return "not pinned (one core available)"
+        return Pinning("0", "server on core 0, load generator on core 1")
+    return Pinning(None, "not pinned (fewer than two cores, or no taskset)")
 
 
 def raise_fd_limit(wanted: int = 16384) -> int:
@@ -119,7 +123,11 @@ class Server:
     """One server process on a free loopback port with its own temporary state directory."""
 
     extra_args: list[str] = field(default_factory=list)
+    cpus: str | None = None
+    """``taskset -c`` list (see ``pin_load_generator``); None inherits this process's cores."""
     durable: bool = True
+    affinity: list[int] = field(default_factory=list)
+    """The cores the running server may use, read back from the kernel."""
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
@@ -142,8 +150,7 @@ class Server:
             state_dir,
             *self.extra_args,
         ]
-        cpus = server_cpus()
-        return ["taskset", "-c", cpus, *command] if cpus else command
+        return ["taskset", "-c", self.cpus, *command] if self.cpus else command
 
     @property
     def log_path(self) -> Path:
@@ -168,6 +175,7 @@ class Server:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.logs()}")
             if _health_ok(self.port):
                 self.healthy_after = time.perf_counter() - self.started_at
+                self.affinity = sorted(os.sched_getaffinity(self.pid))
                 return self
             time.sleep(0.002)
         self.stop()

@@ -7,6 +7,7 @@ CI machines are shared and figures from them mean nothing.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,9 @@ def test_bench_smoke_runs_every_phase_without_errors(tmp_path: Path) -> None:
     assert all(not phase["problems"] for phase in phases.values())
     storm_runs = phases["storm"]["runs"] + phases["storm_capped"]["runs"]
     assert storm_runs and all(run["failures"] == 0 for run in storm_runs)
+    if {0, 1} <= os.sched_getaffinity(0):  # two cores: server and load generator never share
+        assert report["machine"]["load_generator_affinity"] == [1]
+        assert all(run["server_affinity"] == [0] for run in phases["startup"]["runs"])
     (run,) = phases["steady_load"]["runs"]
     for workload in ("route", "health", "dp_rank_pairs"):
         assert run[workload]["requests"] > 0
