@@ -14,7 +14,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -35,6 +35,14 @@ INSTANCE_HEADER = b"x-sglang-disaggregation-instance-id"
 """The header SGLang discussed for "the prefill behind this address was replaced"."""
 
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_HOT = frozenset(
+    {
+        ("GET", "/route"),
+        ("GET", "/health"),
+        ("POST", "/register_dp_rank"),
+        ("POST", "/query_dp_ranks"),
+    }
+)
 _WRITES = frozenset(
     {
         ("PUT", "/route"),
@@ -78,15 +86,8 @@ async def _read_body(receive: Receive, limit: int, declared: int | None) -> byte
             return b"".join(chunks)
 
 
-def _header(scope: Scope, wanted: bytes) -> bytes | None:
-    for name, value in scope["headers"]:
-        if name == wanted:
-            return value
-    return None
-
-
 def _content_length(scope: Scope) -> int | None:
-    value = _header(scope, b"content-length")
+    value = next((v for name, v in scope["headers"] if name == b"content-length"), None)
     try:
         return int(value) if value is not None else None
     except ValueError:
@@ -132,67 +133,81 @@ class FrontDoor:
         started = time.perf_counter()
         method, path = scope["method"], scope["path"]
         status = await self._handle(scope, receive, send, method, path)
+        self.observe(method, path, status, started)
+
+    def observe(self, method: str, path: str, status: int, started: float) -> None:
+        """Count one answered request for ``/metrics`` (every door calls this)."""
         route = path if path in _KNOWN_ROUTES else "other"
         metrics = self.registry.metrics
         metrics.observe(route, method, time.perf_counter() - started)
         if method == "PUT" and path == "/route" and status in (400, 413, 422):
             metrics.registrations["invalid"] += 1
 
-    async def _handle(
-        self, scope: Scope, receive: Receive, send: Send, method: str, path: str
-    ) -> int:
-        if self._token is not None and self._needs_token(method, path):
-            refusal = self._check_token(scope, method, path)
-            if refusal is not None:
-                return await self._send(send, refusal)
-        hot = self.serve_hot_routes
-        if hot and method == "GET":
-            if path == "/route":
-                params = dict(
-                    parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
-                )
-                return await self._send(send, answers.route_lookup(self.registry, params))
-            if path == "/health":
-                return await self._send(send, answers.health())
-        if method in _WITH_BODY:
-            try:
-                body = await _read_body(receive, self.max_body_bytes, _content_length(scope))
-            except BodyTooLarge:
-                return await self._send(send, _too_large(self.max_body_bytes))
-            except ClientGone:
-                return 499
-            if hot and method == "POST":
-                if path == "/register_dp_rank":
-                    reply = answers.register_dp_rank(self.registry, body, self.registry.clock())
-                    return await self._send(send, reply)
-                if path == "/query_dp_ranks":
-                    reply = answers.query_dp_ranks(self.registry, body, self.registry.clock())
-                    return await self._send(send, reply)
-            receive = _replay(body, receive)
-        return await self._forward(scope, receive, send)
+    def is_hot(self, method: str, path: str) -> bool:
+        return self.serve_hot_routes and (method, path) in _HOT
 
-    def _needs_token(self, method: str, path: str) -> bool:
-        if (method, path) in _WRITES:
-            return True
-        return self.auth_reads and path not in _OPEN_WITH_AUTH_READS
+    def hot_reply(self, method: str, path: str, query: bytes, body: bytes) -> answers.Reply:
+        """The answer of a hot route, once the token (if any) was checked and the body read."""
+        registry = self.registry
+        if path == "/route":
+            params = dict(parse_qsl(query.decode("latin-1"), keep_blank_values=True))
+            return answers.route_lookup(registry, params)
+        if path == "/health":
+            return answers.health()
+        if path == "/register_dp_rank":
+            return answers.register_dp_rank(registry, body, registry.clock())
+        return answers.query_dp_ranks(registry, body, registry.clock())
 
-    def _check_token(self, scope: Scope, method: str, path: str) -> answers.Reply | None:
-        offered = _header(scope, b"authorization")
-        assert self._token is not None
+    def refusal(
+        self, headers: Iterable[tuple[bytes, bytes]], client: Any, method: str, path: str
+    ) -> answers.Reply | None:
+        """401 when this route needs the token and the request lacks it, else None."""
+        if self._token is None or not self._needs_token(method, path):
+            return None
+        offered = next((value for name, value in headers if name == b"authorization"), None)
         if offered is not None and hmac.compare_digest(offered, self._token):
             return None
         self.registry.metrics.unauthorized += 1
         if method == "PUT" and path == "/route":
             self.registry.metrics.registrations["unauthorized"] += 1
         problem = "was missing" if offered is None else "did not match"
-        client = scope.get("client") or ("?", 0)
-        log.warning("Refused %s %s from %s: the bearer token %s.", method, path, client[0], problem)
+        where = client[0] if client else "?"
+        log.warning("Refused %s %s from %s: the bearer token %s.", method, path, where, problem)
         return answers.error_reply(
             401,
             "unauthorized",
             f"{method} {path} needs 'Authorization: Bearer <token>' with the server's token "
             f"(--auth-token / PREFILL_BOOTSTRAP_AUTH_TOKEN); the token {problem}",
         )
+
+    def too_large(self) -> answers.Reply:
+        return answers.error_reply(
+            413, "body_too_large", f"the request body exceeds {self.max_body_bytes} bytes"
+        )
+
+    async def _handle(
+        self, scope: Scope, receive: Receive, send: Send, method: str, path: str
+    ) -> int:
+        refusal = self.refusal(scope["headers"], scope.get("client"), method, path)
+        if refusal is not None:
+            return await self._send(send, refusal)
+        body = b""
+        if method in _WITH_BODY:
+            try:
+                body = await _read_body(receive, self.max_body_bytes, _content_length(scope))
+            except BodyTooLarge:
+                return await self._send(send, self.too_large())
+            except ClientGone:
+                return 499
+            receive = _replay(body, receive)
+        if self.is_hot(method, path):
+            return await self._send(send, self.hot_reply(method, path, scope["query_string"], body))
+        return await self._forward(scope, receive, send)
+
+    def _needs_token(self, method: str, path: str) -> bool:
+        if (method, path) in _WRITES:
+            return True
+        return self.auth_reads and path not in _OPEN_WITH_AUTH_READS
 
     async def _send(self, send: Send, reply: answers.Reply) -> int:
         await send(
@@ -224,7 +239,3 @@ class FrontDoor:
 
         await self.app(scope, receive, stamped)
         return status
-
-
-def _too_large(limit: int) -> answers.Reply:
-    return answers.error_reply(413, "body_too_large", f"the request body exceeds {limit} bytes")

@@ -17,6 +17,7 @@ import uvicorn
 
 from prefill_bootstrap.client.errors import ConfigurationError, PortInUse
 from prefill_bootstrap.service.app import create_app
+from prefill_bootstrap.service.hot_protocol import hot_path_protocol
 from prefill_bootstrap.service.logs import configure_logging
 from prefill_bootstrap.service.settings import ServerSettings
 
@@ -88,6 +89,10 @@ def serve(settings: ServerSettings) -> None:
         log_config=None,
         ssl_certfile=settings.ssl_certfile,
         ssl_keyfile=settings.ssl_keyfile,
+        # The hot routes are answered in the protocol itself (see hot_protocol.py); and no
+        # X-Forwarded-* rewriting: logs should name the peer that actually connected.
+        http=hot_path_protocol(app),
+        proxy_headers=False,
     )
     _Server(config).run(sockets=[sock])
     log.info("prefill-bootstrap stopped cleanly.")
