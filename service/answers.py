@@ -9,53 +9,50 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
+from pydantic import ValidationError
 
-from prefill_bootstrap.client.errors import CellNotFound
+from prefill_bootstrap.client.errors import (
+    CellNotFound,
+    ProtocolMismatch,
+    StateStoreError,
+    TopologyConflict,
+)
 from prefill_bootstrap.client.generations import (
     GEN1_QUERY,
     GEN2_QUERY,
     GEN3_QUERY,
     RELEASES,
+    Generation,
     lookup_generation,
+    registration_generation,
+    to_current,
 )
-from prefill_bootstrap.client.protocol import MAX_ROOM, Cell
+from prefill_bootstrap.client.protocol import MAX_ROOM, Cell, RankRegistration
 from prefill_bootstrap.service.registry import Registry
+from prefill_bootstrap.service.replies import (
+    TEXT,
+    Reply,
+    error_reply,
+    reply_for,
+    validation_reply,
+)
 from prefill_bootstrap.service.table import older_server_info
 
 __all__ = [
-    "JSON",
-    "TEXT",
-    "Reply",
-    "error_reply",
     "health",
+    "parse_registration",
     "query_dp_ranks",
+    "register",
     "register_dp_rank",
     "route_lookup",
 ]
 
-JSON = b"application/json"
-TEXT = b"text/plain; charset=utf-8"
 _INTEGER = re.compile(r"-?[0-9]{1,12}")
-
-
-class Reply(NamedTuple):
-    status: int
-    body: bytes
-    content_type: bytes = JSON
-
-
 OK = Reply(200, b"OK", TEXT)
 MISSING_INPUTS = Reply(400, b"Missing inputs for bootstrap server.", TEXT)
-
-
-def error_reply(
-    status: int, error: str, message: str, details: list[dict[str, Any]] | None = None
-) -> Reply:
-    body = {"error": error, "message": message, "details": details or []}
-    return Reply(status, orjson.dumps(body))
 
 
 def _invalid(field: str, problem: str, location: str = "body") -> Reply:
@@ -226,3 +223,41 @@ def query_dp_ranks(registry: Registry, body: bytes, now: float) -> Reply:
         if _room(value) is None:
             return _invalid(f"bootstrap_rooms[{index}]", "must be an integer from 0 to 2**63-1")
     return Reply(200, orjson.dumps(registry.rooms.query(rooms, now)))
+
+
+def parse_registration(
+    body: bytes, pinned: str
+) -> tuple[RankRegistration | None, Generation] | Reply:
+    """A ``PUT /route`` body of any protocol generation as a current registration (None for a
+    gen 1-2 role other than Prefill, which SGLang acknowledged and ignored), or the error reply.
+    The content type is ignored: SGLang's own server reads any body as JSON."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return validation_reply(
+            [{"type": "json_invalid", "loc": ("body",), "msg": f"Invalid JSON: {exc}"}]
+        )
+    generation = registration_generation(data) if isinstance(data, dict) else "3"
+    if pinned != "auto" and not generation.startswith(pinned):
+        return reply_for(ProtocolMismatch(pinned, generation))
+    try:
+        return to_current(data, generation), generation
+    except ValidationError as exc:
+        return validation_reply(
+            [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
+        )
+
+
+async def register(registry: Registry, body: bytes) -> Reply:
+    """``PUT /route``: 200 ``OK`` once the registration is durable, else the error reply."""
+    parsed = parse_registration(body, registry.settings.protocol)
+    if isinstance(parsed, Reply):
+        return parsed
+    registration, generation = parsed
+    if registration is None:
+        return OK
+    try:
+        await registry.register(registration, generation)
+    except (TopologyConflict, StateStoreError) as exc:
+        return reply_for(exc)
+    return OK

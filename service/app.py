@@ -13,19 +13,14 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
-import orjson
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from prefill_bootstrap import __version__
-from prefill_bootstrap.client.errors import ProtocolMismatch
 from prefill_bootstrap.client.generations import (
     Gen1Registration,
     Gen2Registration,
-    Generation,
-    registration_generation,
-    to_current,
 )
 from prefill_bootstrap.client.protocol import (
     DpRankQuery,
@@ -41,6 +36,7 @@ from prefill_bootstrap.service.http_errors import (
     error_response,
     install_error_handlers,
     json_response,
+    reply_response,
 )
 from prefill_bootstrap.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from prefill_bootstrap.service.metrics import render as render_metrics
@@ -57,10 +53,6 @@ TEXT_OK = {"content": {"text/plain": {"example": "OK"}}}
 ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorBody, "description": "a field is missing, mistyped or out of range"},
 }
-
-
-def _reply(reply: answers.Reply) -> Response:
-    return Response(reply.body, reply.status, media_type=reply.content_type.decode())
 
 
 def _body_schema(model: type[Any]) -> dict[str, Any]:
@@ -84,26 +76,6 @@ async def _parse(request: Request, model: type[Body]) -> Body:
     and curl users forget the header."""
     try:
         return model.model_validate_json(await request.body())
-    except ValidationError as exc:
-        raise _invalid_body(exc) from exc
-
-
-async def _registration(
-    request: Request, pinned: str
-) -> tuple[RankRegistration | None, Generation]:
-    """A ``PUT /route`` body of any protocol generation, as a current registration (None for a
-    gen 1-2 role other than Prefill, which SGLang acknowledged and ignored)."""
-    try:
-        data = orjson.loads(await request.body())
-    except orjson.JSONDecodeError as exc:
-        raise RequestValidationError(
-            [{"type": "json_invalid", "loc": ("body",), "msg": f"Invalid JSON: {exc}"}]
-        ) from exc
-    generation = registration_generation(data) if isinstance(data, dict) else "3"
-    if pinned != "auto" and not generation.startswith(pinned):
-        raise ProtocolMismatch(pinned, generation)
-    try:
-        return to_current(data, generation), generation
     except ValidationError as exc:
         raise _invalid_body(exc) from exc
 
@@ -177,10 +149,7 @@ def create_app(
         },
     )
     async def register_rank(request: Request) -> Response:
-        registration, generation = await _registration(request, settings.protocol)
-        if registration is not None:
-            await registry.register(registration, generation)
-        return Response(b"OK", media_type="text/plain")
+        return reply_response(await answers.register(registry, await request.body()))
 
     @app.get(
         "/route",
@@ -205,7 +174,7 @@ def create_app(
     ) -> Response:
         # The declared parameters document the route; the answer needs to know which ones were
         # present (even empty), which only the raw query string tells.
-        return _reply(answers.route_lookup(registry, dict(request.query_params)))
+        return reply_response(answers.route_lookup(registry, dict(request.query_params)))
 
     @app.api_route(
         "/route",
@@ -225,7 +194,9 @@ def create_app(
         openapi_extra=_body_schema(DpRankRegistration),
     )
     async def register_dp_rank(request: Request) -> Response:
-        return _reply(answers.register_dp_rank(registry, await request.body(), registry.clock()))
+        return reply_response(
+            answers.register_dp_rank(registry, await request.body(), registry.clock())
+        )
 
     @app.post(
         "/query_dp_ranks",
@@ -235,7 +206,9 @@ def create_app(
         openapi_extra=_body_schema(DpRankQuery),
     )
     async def query_dp_ranks(request: Request) -> Response:
-        return _reply(answers.query_dp_ranks(registry, await request.body(), registry.clock()))
+        return reply_response(
+            answers.query_dp_ranks(registry, await request.body(), registry.clock())
+        )
 
     @app.get(
         "/health",
@@ -244,7 +217,7 @@ def create_app(
         responses={200: TEXT_OK},
     )
     async def health() -> Response:
-        return _reply(answers.health())
+        return reply_response(answers.health())
 
     @app.get(
         "/ready",

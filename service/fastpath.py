@@ -20,6 +20,7 @@ from urllib.parse import parse_qsl
 
 from prefill_bootstrap.service import answers
 from prefill_bootstrap.service.registry import Registry
+from prefill_bootstrap.service.replies import Reply, error_reply
 from prefill_bootstrap.service.ui_routes import UI_PATHS
 
 __all__ = ["INSTANCE_HEADER", "FrontDoor"]
@@ -146,7 +147,7 @@ class FrontDoor:
     def is_hot(self, method: str, path: str) -> bool:
         return self.serve_hot_routes and (method, path) in _HOT
 
-    def hot_reply(self, method: str, path: str, query: bytes, body: bytes) -> answers.Reply:
+    def hot_reply(self, method: str, path: str, query: bytes, body: bytes) -> Reply:
         """The answer of a hot route, once the token (if any) was checked and the body read."""
         registry = self.registry
         if path == "/route":
@@ -160,7 +161,7 @@ class FrontDoor:
 
     def refusal(
         self, headers: Iterable[tuple[bytes, bytes]], client: Any, method: str, path: str
-    ) -> answers.Reply | None:
+    ) -> Reply | None:
         """401 when this route needs the token and the request lacks it, else None."""
         if self._token is None or not self._needs_token(method, path):
             return None
@@ -173,15 +174,15 @@ class FrontDoor:
         problem = "was missing" if offered is None else "did not match"
         where = client[0] if client else "?"
         log.warning("Refused %s %s from %s: the bearer token %s.", method, path, where, problem)
-        return answers.error_reply(
+        return error_reply(
             401,
             "unauthorized",
             f"{method} {path} needs 'Authorization: Bearer <token>' with the server's token "
             f"(--auth-token / PREFILL_BOOTSTRAP_AUTH_TOKEN); the token {problem}",
         )
 
-    def too_large(self) -> answers.Reply:
-        return answers.error_reply(
+    def too_large(self) -> Reply:
+        return error_reply(
             413, "body_too_large", f"the request body exceeds {self.max_body_bytes} bytes"
         )
 
@@ -202,6 +203,9 @@ class FrontDoor:
             receive = _replay(body, receive)
         if self.is_hot(method, path):
             return await self._send(send, self.hot_reply(method, path, scope["query_string"], body))
+        if self.serve_hot_routes and method == "PUT" and path == "/route":
+            # Registrations arrive as a storm at start-up; FastAPI's routing was most of their cost.
+            return await self._send(send, await answers.register(self.registry, body))
         return await self._forward(scope, receive, send)
 
     def _needs_token(self, method: str, path: str) -> bool:
@@ -209,7 +213,7 @@ class FrontDoor:
             return True
         return self.auth_reads and path not in _OPEN_WITH_AUTH_READS
 
-    async def _send(self, send: Send, reply: answers.Reply) -> int:
+    async def _send(self, send: Send, reply: Reply) -> int:
         await send(
             {
                 "type": "http.response.start",

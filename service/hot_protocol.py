@@ -16,8 +16,8 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from prefill_bootstrap.service import answers
 from prefill_bootstrap.service.fastpath import INSTANCE_HEADER, FrontDoor
+from prefill_bootstrap.service.replies import Reply
 
 __all__ = ["hot_path_protocol"]
 
@@ -81,7 +81,7 @@ class _HotPathProtocol(HttpToolsProtocol):
         front.observe(method, route, reply.status, started)
         self.on_response_complete()
 
-    def _write(self, reply: answers.Reply) -> None:
+    def _write(self, reply: Reply) -> None:
         parts = [STATUS_LINE[reply.status]]
         for name, value in self.server_state.default_headers:
             parts += [name, b": ", value, b"\r\n"]
