@@ -44,3 +44,9 @@ def configure_logging(level: str, log_format: Literal["text", "json"] = "text") 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # A registration storm logs one line per rank; the logging docs' own optimisations keep each
+    # line cheap: no caller lookup (a stack walk per record), no thread or process names.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
