@@ -141,7 +141,7 @@ class Registry:
         return instance_id
 
     async def _persist(self, changes: list[Change]) -> None:
-        await asyncio.wrap_future(self.writer.submit(changes))
+        await self.writer.submit_async(changes)
 
     def _notify(self) -> None:
         self._changed.set()

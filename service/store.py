@@ -8,6 +8,7 @@ contract tests (``tests/test_store.py``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import queue
@@ -316,11 +317,13 @@ class GroupCommitWriter:
 
     ``submit`` returns a future that resolves once the changes are durable, so request handlers
     can await durability without blocking the event loop (and ``/health`` never waits on disk).
+    ``submit_async`` does the same for asyncio: every future of one commit is resolved by a single
+    wake-up of the loop, instead of one cross-thread call per request.
     """
 
     def __init__(self, store: StateStore) -> None:
         self.store = store
-        self._queue: queue.SimpleQueue[tuple[Sequence[Change], Future[None]] | None] = (
+        self._queue: queue.SimpleQueue[tuple[Sequence[Change], _Waiter] | None] = (
             queue.SimpleQueue()
         )
         self._thread: threading.Thread | None = None
@@ -329,6 +332,17 @@ class GroupCommitWriter:
 
     def submit(self, changes: Sequence[Change]) -> Future[None]:
         """Queue changes for the next commit; the writer thread starts with the first write."""
+        future: Future[None] = Future()
+        self._enqueue(changes, future)
+        return future
+
+    def submit_async(self, changes: Sequence[Change]) -> asyncio.Future[None]:
+        """Like ``submit``, for a coroutine on the running loop."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._enqueue(changes, future)
+        return future
+
+    def _enqueue(self, changes: Sequence[Change], waiter: _Waiter) -> None:
         if self._thread is None:
             with self._start_lock:
                 if self._thread is None:
@@ -336,9 +350,7 @@ class GroupCommitWriter:
                         target=self._run, name="state-writer", daemon=True
                     )
                     self._thread.start()
-        future: Future[None] = Future()
-        self._queue.put((changes, future))
-        return future
+        self._queue.put((changes, waiter))
 
     def close(self) -> None:
         """Finish every queued write, then stop the thread and close the store.
@@ -356,7 +368,7 @@ class GroupCommitWriter:
     def _run(self) -> None:
         while True:
             item = self._queue.get()
-            pending: list[tuple[Sequence[Change], Future[None]]] = []
+            pending: list[tuple[Sequence[Change], _Waiter]] = []
             stop = item is None
             if item is not None:
                 pending.append(item)
@@ -374,13 +386,40 @@ class GroupCommitWriter:
             if stop:
                 return
 
-    def _commit(self, pending: list[tuple[Sequence[Change], Future[None]]]) -> None:
+    def _commit(self, pending: list[tuple[Sequence[Change], _Waiter]]) -> None:
+        failure: Exception | None = None
         try:
             self.store.write([change for changes, _ in pending for change in changes])
+            self.commits += 1
         except Exception as exc:  # surfaced to every waiting request, never swallowed
-            for _, future in pending:
-                future.set_exception(exc)
-            return
-        self.commits += 1
-        for _, future in pending:
+            failure = (
+                exc
+                if isinstance(exc, StateStoreError)
+                else StateStoreError(f"cannot write the state ({type(exc).__name__}: {exc})")
+            )
+            failure.__cause__ = exc if failure is not exc else exc.__cause__
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        for _, waiter in pending:
+            if isinstance(waiter, asyncio.Future):
+                by_loop.setdefault(waiter.get_loop(), []).append(waiter)
+            elif failure is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(failure)
+        for loop, futures in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(_resolve, futures, failure)
+
+
+_Waiter = Future[None] | asyncio.Future[None]
+
+
+def _resolve(futures: list[asyncio.Future[None]], failure: Exception | None) -> None:
+    """On the waiting loop: settle every future of one commit."""
+    for future in futures:
+        if future.done():  # the request was cancelled (client gone) meanwhile
+            continue
+        if failure is None:
             future.set_result(None)
+        else:
+            future.set_exception(failure)

@@ -187,3 +187,23 @@ async def test_health_answers_while_a_registration_waits_on_slow_disk() -> None:
         store.release.set()
         assert (await pending).status_code == 200
     app.registry.close()
+
+
+class BrokenStore(MemoryStore):
+    """A disk that refuses every write."""
+
+    def write(self, changes: Sequence[Change]) -> None:
+        raise OSError("No space left on device")
+
+
+@pytest.mark.anyio
+async def test_a_registration_that_cannot_be_made_durable_is_a_503_asking_to_retry() -> None:
+    app = create_app(ServerSettings(state_dir=None), BrokenStore())
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://bootstrap") as client:
+        response = await client.put("/route", json=sglang_registration())
+        assert response.status_code == 503
+        assert response.json()["error"] == "state_not_durable"
+        assert "No space left on device" in response.json()["message"]
+        assert "retry" in response.json()["message"]
+    app.registry.close()

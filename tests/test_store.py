@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from prefill_bootstrap.client.errors import ConfigurationError, TopologyConflict
+from prefill_bootstrap.client.errors import (
+    ConfigurationError,
+    StateStoreError,
+    TopologyConflict,
+)
 from prefill_bootstrap.client.protocol import RankRegistration
 from prefill_bootstrap.service.store import (
     GroupCommitWriter,
@@ -131,7 +135,7 @@ def test_a_failed_write_fails_every_waiting_future_and_the_writer_keeps_going() 
             super().write(changes)
 
     writer = GroupCommitWriter(Flaky())
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(StateStoreError, match="disk full"):
         writer.submit(["x"]).result(timeout=10)
     writer.submit([new_instance_id()]).result(timeout=10)
     writer.close()
