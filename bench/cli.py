@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.phases import PHASES, PhaseResult, Plan, run_phase
-from bench.report import machine, rows, table, write_json
+from bench.report import code_version, machine, rows, table, write_json
 from bench.server import pin_load_generator, raise_fd_limit
 
 __all__ = ["main"]
@@ -84,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(table(found))
     about["load_average_at_end"] = os.getloadavg()
+    about["code_at_end"] = code_version()
+    if about["code_at_end"] != {k: about[k] for k in about["code_at_end"]}:
+        print(f"bench: the server code changed during the run: {about['code_at_end']}")
     about["seconds"] = round(time.monotonic() - started, 1)
     document = {
         "machine": about,

@@ -22,7 +22,7 @@ import orjson
 from bench.phases import PhaseResult, Plan
 from bench.stats import Stat
 
-__all__ = ["Row", "machine", "rows", "table", "write_json"]
+__all__ = ["Row", "code_version", "machine", "rows", "table", "write_json"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,15 @@ def _git(*args: str) -> str:
     return done.stdout.strip()
 
 
+def code_version() -> dict[str, Any]:
+    """The commit, and whether service/ or client/ had uncommitted edits: servers run the working
+    tree, which others may be changing while the suite runs."""
+    return {
+        "commit": _git("rev-parse", "--short", "HEAD"),
+        "working_tree_dirty": bool(_git("status", "--porcelain", "--", "service", "client")),
+    }
+
+
 def machine(pinning: str) -> dict[str, Any]:
     """What the figures were measured on; the load average says how busy the machine was."""
     return {
@@ -59,8 +68,7 @@ def machine(pinning: str) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "pinning": pinning,
         "load_average_at_start": os.getloadavg(),
-        "commit": _git("rev-parse", "--short", "HEAD"),
-        "working_tree_dirty": bool(_git("status", "--porcelain", "--", "service", "client")),
+        **code_version(),
         "somaxconn": _read("/proc/sys/net/core/somaxconn"),
     }
 
