@@ -23,14 +23,17 @@ from bench.load import RouteLookups, closed_loop
 from bench.payloads import Topology
 from bench.server import Server, pin_load_generator, raise_fd_limit
 from bench.storm import storm
-from bench.wire import new_loop
+from bench.wire import build_request, fetch, new_loop
 
 __all__ = ["LAYERS", "main", "summarise"]
 
 RESULTS = Path(__file__).parent / "results"
+TABLE_PATH = "/prefill_port_table"
 
 LAYERS: tuple[tuple[str, str], ...] = (
+    ("service/hot_protocol.py", "ours: hot-path protocol (hot_protocol.py, incl. its write)"),
     ("service/fastpath.py", "ours: front door (fastpath.py)"),
+    ("service/replies.py", "ours: replies.py"),
     ("service/answers.py", "ours: answers.py"),
     ("service/registry.py", "ours: registry (state, durability wait, logging calls)"),
     ("service/table.py", "ours: port table"),
@@ -147,13 +150,21 @@ def profile_route(out_dir: Path, seconds: float, rate: int, native: bool, cpus: 
     return raw
 
 
-def profile_storm(out_dir: Path, ranks: int, rate: int, native: bool, cpus: str | None) -> Path:
+def profile_storm(
+    out_dir: Path, ranks: int, rate: int, native: bool, cpus: str | None, storms: int
+) -> Path:
+    """``storms`` storms on one server (reset in between with ``DELETE /prefill_port_table``):
+    one storm lasts about a second, too few samples on its own."""
     raw = out_dir / f"profile-storm-{ranks}{'-native' if native else ''}.txt"
+    topology = Topology.for_ranks(ranks)
     with Server(cpus=cpus) as server:
         recorder = _record(server.pid, raw, rate, native)
-        outcome = _run(storm(server.port, Topology.for_ranks(ranks)))
+        for index in range(storms):
+            if index:
+                _run(fetch("127.0.0.1", server.port, build_request("DELETE", TABLE_PATH)))
+            outcome = _run(storm(server.port, topology))
+            print(f"profile: storm {index + 1} under py-spy: {outcome.summary()}")  # type: ignore[attr-defined]
         _stop(recorder)
-    print(f"profile: storm under py-spy: {outcome.summary()}")  # type: ignore[attr-defined]
     return raw
 
 
@@ -161,17 +172,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
     parser.add_argument("--seconds", type=float, default=10.0, help="GET /route load duration")
     parser.add_argument("--ranks", type=int, default=4096, help="storm size")
+    parser.add_argument("--storms", type=int, default=5, help="storms sampled (one server)")
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
     parser.add_argument("--native", action="store_true", help="include C frames (uvloop, ...)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--summarise", type=Path, nargs="+", help="only summarise these collapsed-stack files"
+    )
     args = parser.parse_args(argv)
+    if args.summarise:
+        for raw in args.summarise:
+            print(f"== {raw}\n{summarise(raw.read_text())}")
+        return 0
     pinning = pin_load_generator()
     print(f"profile: {pinning.description}")
     raise_fd_limit()
     args.out.mkdir(parents=True, exist_ok=True)
     for raw in (
         profile_route(args.out, args.seconds, args.rate, args.native, pinning.server_cpus),
-        profile_storm(args.out, args.ranks, args.rate, args.native, pinning.server_cpus),
+        profile_storm(
+            args.out, args.ranks, args.rate, args.native, pinning.server_cpus, args.storms
+        ),
     ):
         summary = summarise(raw.read_text()) if raw.exists() else "py-spy wrote nothing\n"
         summary_path = raw.with_name(raw.stem + "-summary.txt")
