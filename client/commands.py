@@ -16,15 +16,19 @@ import ssl
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydantic import ValidationError
 
 from prefill_bootstrap.client.errors import ConfigurationError, format_cell
 from prefill_bootstrap.client.grid import render_table
-from prefill_bootstrap.client.http import BootstrapClient, describe_invalid
 from prefill_bootstrap.client.protocol import RankRegistration
-from prefill_bootstrap.client.settings import ClientSettings
+
+if TYPE_CHECKING:
+    from prefill_bootstrap.client.http import BootstrapClient
+
+# The HTTP client stack (httpx, tenacity) is imported by the commands that use it, not here:
+# ``prefill-bootstrap serve`` builds this parser too, and the server never needs that stack.
 
 __all__ = ["REGISTRATION_FLAGS", "add_rank_commands"]
 
@@ -109,6 +113,9 @@ def _logging_to_stderr(args: argparse.Namespace) -> Iterator[None]:
 
 
 def _client(args: argparse.Namespace) -> BootstrapClient:
+    from prefill_bootstrap.client.http import BootstrapClient, describe_invalid
+    from prefill_bootstrap.client.settings import ClientSettings
+
     fields = (
         "url", "auth_token", "cacert", "request_timeout_seconds", "retry_deadline_seconds",
         "retry_attempts",
@@ -137,6 +144,8 @@ def _client(args: argparse.Namespace) -> BootstrapClient:
 
 
 def _registration(args: argparse.Namespace) -> RankRegistration:
+    from prefill_bootstrap.client.core import describe_invalid
+
     body: dict[str, Any] = {name: getattr(args, name) for name in (*_SIZES, *_RANKS)}
     body |= {"rank_ip": args.rank_ip, "rank_port": args.rank_port}
     body |= {name: getattr(args, name) for name in _ALWAYS_SENT}

@@ -9,27 +9,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from prefill_bootstrap.client.auth import AUTH_TOKEN_VARIABLES, blank_is_none
 from prefill_bootstrap.client.http import DEFAULT_TIMEOUT
 from prefill_bootstrap.client.protocol import DEFAULT_PORT
 from prefill_bootstrap.client.retry import DEFAULT_RETRY, RetryPolicy
 
-__all__ = ["AUTH_TOKEN_VARIABLES", "ClientSettings", "blank_is_none"]
-
-
-AUTH_TOKEN_VARIABLES = AliasChoices(
-    "PREFILL_BOOTSTRAP_AUTH_TOKEN", "SGLANG_DISAGGREGATION_BOOTSTRAP_AUTH_TOKEN"
-)
-"""Where both sides read the token: ours, or the name SGLang's proposed fix uses."""
-
-
-def blank_is_none(cls: type, value: object) -> object:
-    """An empty or blank token (an unset variable rendered by a template) means no token."""
-    if isinstance(value, str) and not value.strip():
-        return None
-    return value
+__all__ = ["ClientSettings"]
 
 
 class ClientSettings(BaseSettings):

@@ -16,6 +16,7 @@ import orjson
 
 from prefill_bootstrap.client.errors import TopologyConflict, format_cell
 from prefill_bootstrap.client.protocol import Cell, Heartbeat, RankRegistration
+from prefill_bootstrap.service.memory import release_free_memory
 from prefill_bootstrap.service.metrics import Metrics
 from prefill_bootstrap.service.rooms import RoomTable
 from prefill_bootstrap.service.settings import ServerSettings
@@ -172,6 +173,7 @@ class Registry:
             log.debug("Cell %s re-registered unchanged at %s.", format_cell(record.cell), where)
         if table.is_complete and done.outcome is Outcome.NEW:
             log.info("The port table is complete: all %s cells registered.", table.expected_count)
+            asyncio.get_running_loop().call_later(1.0, release_free_memory)
 
     # -- waiting -------------------------------------------------------------------------------
 
