@@ -27,7 +27,9 @@ def anyio_backend() -> str:
 
 
 def sglang_registration(**overrides: Any) -> dict[str, Any]:
-    """A ``PUT /route`` body exactly as an SGLang 0.5.23 prefill rank sends it."""
+    """A ``PUT /route`` body exactly as an SGLang 0.5.23 prefill rank sends it, for an engine
+    started with an explicit ``--load-balance-method`` (a default prefill resolves "auto" to
+    "follow_bootstrap_room" before registering; tests/golden/gen3.json has that case)."""
     body: dict[str, Any] = {
         "attn_tp_size": 2,
         "attn_tp_rank": 0,
