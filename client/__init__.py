@@ -17,6 +17,7 @@ __all__ = [
     "BootstrapError",
     "ConfigurationError",
     "DistributedNotInitialized",
+    "LeaseKeeper",
     "PortSyncFailed",
     "RankAddress",
     "RankRegistration",
@@ -30,6 +31,8 @@ __all__ = [
     "bootstrap_url",
     "render_table",
     "resolve_bootstrap_host",
+    "stop_all_lease_keepers",
+    "sync_auth_token",
     "sync_bootstrap_port",
 ]
 
@@ -54,6 +57,9 @@ _HOME = {
     "resolve_bootstrap_host": "addresses",
     "render_table": "grid",
     "sync_bootstrap_port": "port_sync",
+    "sync_auth_token": "port_sync",
+    "LeaseKeeper": "lease",
+    "stop_all_lease_keepers": "lease",
 }
 
 
@@ -85,6 +91,7 @@ if TYPE_CHECKING:
     )
     from prefill_bootstrap.client.grid import render_table
     from prefill_bootstrap.client.http import AsyncBootstrapClient, BootstrapClient
-    from prefill_bootstrap.client.port_sync import sync_bootstrap_port
+    from prefill_bootstrap.client.lease import LeaseKeeper, stop_all_lease_keepers
+    from prefill_bootstrap.client.port_sync import sync_auth_token, sync_bootstrap_port
     from prefill_bootstrap.client.protocol import RankAddress, RankRegistration, TableReport
     from prefill_bootstrap.client.retry import DEFAULT_RETRY, RetryPolicy
