@@ -36,7 +36,6 @@ class LeaseKeeper:
         self._thread = threading.Thread(
             target=self._run, name=f"lease-keeper {registration.cell}", daemon=True
         )
-        self.beats = 0
 
     def start(self) -> LeaseKeeper:
         with _RUNNING_LOCK:
@@ -67,7 +66,6 @@ class LeaseKeeper:
         while not self._stop.wait(self.interval):
             try:
                 self.client.heartbeat(self.registration)
-                self.beats += 1
             except CellNotFound:
                 log.warning(
                     "The server no longer knows cell %s; registering it again.",

@@ -159,8 +159,8 @@ def _older_lookup(registry: Registry, params: Mapping[str, str], generation: str
         engine_rank, dp_group = ranks
         # 1a decodes send their global tp rank, 1b decodes the rank inside the group: the
         # remainder serves both (tests/golden/README.md, case A).
-        per_group = topology.attn_tp_size if topology else engine_rank + 1
-        cell = Cell(dp_group, 0, engine_rank % per_group, 0)
+        tp_rank = engine_rank % topology.attn_tp_size if topology else engine_rank
+        cell = Cell(dp_group, 0, tp_rank, 0)
     else:
         engine_rank, dp_group, pp_rank = ranks
         cell = Cell(dp_group, 0, engine_rank, pp_rank)
