@@ -171,7 +171,7 @@ class Registry:
             )
         else:
             log.debug("Cell %s re-registered unchanged at %s.", format_cell(record.cell), where)
-        if table.is_complete and done.outcome is Outcome.NEW:
+        if done.completed:
             log.info("The port table is complete: all %s cells registered.", table.expected_count)
             asyncio.get_running_loop().call_later(1.0, release_free_memory)
 

@@ -244,6 +244,9 @@ class Registered:
     previous: RankAddress | None
     topology: Topology
     topology_changed: bool
+    completed: bool = False
+    """This registration made the table complete (it was not before): true for exactly one
+    registration of a storm, however the acknowledgements are batched afterwards."""
 
 
 @dataclass(frozen=True)
@@ -331,6 +334,7 @@ class PortTable:
             )
 
         topology_changed = topology != self.topology
+        was_complete = self.is_complete
         self.topology = topology
         self._cells[cell] = record
         self._expired.discard(cell)
@@ -345,6 +349,7 @@ class PortTable:
             previous.address if previous else None,
             topology,
             topology_changed,
+            completed=not was_complete and self.is_complete,
         )
 
     def renew(self, cell: Cell, address: RankAddress, now: float) -> float | None:

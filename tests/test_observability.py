@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -115,3 +116,24 @@ def test_json_log_lines_are_one_object_with_level_logger_and_message() -> None:
     assert line["level"] == "info"
     assert line["logger"] == "prefill_bootstrap.server"
     assert line["message"] == "Registered x."
+
+
+async def test_a_storm_logs_the_table_complete_once_however_its_commits_are_batched(
+    app_factory: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Group commit acknowledges many registrations after the table is already complete; the
+    completion (and the memory release it schedules) belongs to the one that filled it."""
+    app = app_factory()
+    bodies = [
+        sglang_registration(attn_tp_size=8, pp_size=4, attn_tp_rank=tp, pp_rank=pp)
+        for tp in range(8)
+        for pp in range(4)
+    ]
+    caplog.set_level(logging.INFO, logger="prefill_bootstrap.server")
+    async with asgi_client(app) as client:
+        answers = await asyncio.gather(*(client.put("/route", json=body) for body in bodies))
+    assert [answer.status_code for answer in answers] == [200] * 32
+    completions = [r for r in caplog.records if r.getMessage().startswith("The port table is")]
+    assert [r.getMessage() for r in completions] == [
+        "The port table is complete: all 32 cells registered."
+    ]

@@ -68,6 +68,28 @@ def test_the_table_is_complete_only_when_every_cell_is_filled() -> None:
     assert table.missing_cells() == []
 
 
+def test_only_the_registration_that_fills_the_last_cell_completes_the_table() -> None:
+    table = PortTable()
+    first = table.register(rank(attn_tp_rank=0), now=1.0)
+    last = table.register(rank(attn_tp_rank=1), now=2.0)
+    again = table.register(rank(attn_tp_rank=1), now=3.0)
+    moved = table.register(rank(attn_tp_rank=0, rank_port=41009), now=4.0)
+    assert [first.completed, last.completed, again.completed, moved.completed] == [
+        False,
+        True,
+        False,
+        False,
+    ]
+
+
+def test_an_expired_cell_registering_again_completes_the_table_again() -> None:
+    table = PortTable()
+    table.register(rank(attn_tp_rank=0), now=1.0)
+    table.register(rank(attn_tp_rank=1, lease_seconds=5.0), now=1.0)
+    assert table.expire_leases(now=10.0) == [Cell(0, 0, 1, 0)]
+    assert table.register(rank(attn_tp_rank=1, lease_seconds=5.0), now=11.0).completed
+
+
 def test_registering_the_same_cell_twice_never_counts_twice() -> None:
     table = PortTable()
     table.register(rank(attn_tp_rank=0), now=1.0)
