@@ -26,6 +26,8 @@ __all__ = [
     "HEALTH_PATH",
     "HEARTBEAT_PATH",
     "MAX_BODY_BYTES",
+    "MAX_QUERY_ROOMS",
+    "MAX_RANK",
     "MAX_ROOM",
     "OPTIONAL_INFO_KEYS",
     "READY_PATH",
@@ -74,8 +76,12 @@ OPTIONAL_INFO_KEYS = (
 )
 """Server-info keys that newer SGLang releases add; echoed only when the prefill carried them."""
 
-Size = Annotated[StrictInt, Field(ge=1, le=1 << 20)]
-Rank = Annotated[StrictInt, Field(ge=0, le=1 << 20)]
+MAX_RANK = 1 << 20
+"""Largest size or rank any field accepts: far beyond any real group, small enough to store."""
+MAX_QUERY_ROOMS = 65536
+"""Most rooms one ``POST /query_dp_ranks`` may ask about."""
+Size = Annotated[StrictInt, Field(ge=1, le=MAX_RANK)]
+Rank = Annotated[StrictInt, Field(ge=0, le=MAX_RANK)]
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 _RANK_OF_SIZE = {
     "attn_tp_rank": "attn_tp_size",
@@ -212,7 +218,7 @@ class DpRankQuery(BaseModel):
     """``POST /query_dp_ranks``: the dp rank of each room (unknown rooms are left out)."""
 
     bootstrap_rooms: Annotated[
-        list[Annotated[StrictInt, Field(ge=0, le=MAX_ROOM)]], Field(max_length=65536)
+        list[Annotated[StrictInt, Field(ge=0, le=MAX_ROOM)]], Field(max_length=MAX_QUERY_ROOMS)
     ]
 
 

@@ -30,7 +30,13 @@ from prefill_bootstrap.client.generations import (
     registration_generation,
     to_current,
 )
-from prefill_bootstrap.client.protocol import MAX_ROOM, Cell, RankRegistration
+from prefill_bootstrap.client.protocol import (
+    MAX_QUERY_ROOMS,
+    MAX_RANK,
+    MAX_ROOM,
+    Cell,
+    RankRegistration,
+)
 from prefill_bootstrap.service.registry import Registry
 from prefill_bootstrap.service.replies import (
     TEXT,
@@ -204,8 +210,8 @@ def register_dp_rank(registry: Registry, body: bytes, now: float) -> Reply:
     if room is None:
         return _invalid("bootstrap_room", "must be an integer from 0 to 2**63-1")
     dp_rank = data["dp_rank"]
-    if type(dp_rank) is not int or dp_rank < 0:
-        return _invalid("dp_rank", "must be a non-negative integer")
+    if type(dp_rank) is not int or not 0 <= dp_rank <= MAX_RANK:
+        return _invalid("dp_rank", f"must be an integer from 0 to {MAX_RANK}")
     registry.rooms.register(room, dp_rank, now)
     return OK
 
@@ -219,6 +225,8 @@ def query_dp_ranks(registry: Registry, body: bytes, now: float) -> Reply:
         return _invalid("bootstrap_rooms", "field required")
     if not isinstance(rooms, list):
         return _invalid("bootstrap_rooms", "must be a list of integers")
+    if len(rooms) > MAX_QUERY_ROOMS:
+        return _invalid("bootstrap_rooms", f"at most {MAX_QUERY_ROOMS} rooms per query")
     for index, value in enumerate(rooms):
         if _room(value) is None:
             return _invalid(f"bootstrap_rooms[{index}]", "must be an integer from 0 to 2**63-1")

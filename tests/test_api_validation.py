@@ -144,10 +144,12 @@ BAD_ROOMS: list[tuple[str, str, Any, int]] = [
     ("room over 63 bits", "/register_dp_rank", {"bootstrap_room": 1 << 63, "dp_rank": 1}, 422),
     ("negative dp", "/register_dp_rank", {"bootstrap_room": 1, "dp_rank": -1}, 422),
     ("bool dp", "/register_dp_rank", {"bootstrap_room": 1, "dp_rank": True}, 422),
+    ("dp beyond any size", "/register_dp_rank", {"bootstrap_room": 1, "dp_rank": 1 << 40}, 422),
     ("list body", "/register_dp_rank", [1, 2], 422),
     ("no rooms", "/query_dp_ranks", {}, 422),
     ("rooms not a list", "/query_dp_ranks", {"bootstrap_rooms": 5}, 422),
     ("a bad room", "/query_dp_ranks", {"bootstrap_rooms": [1, "x"]}, 422),
+    ("too many rooms", "/query_dp_ranks", {"bootstrap_rooms": [1] * 65537}, 422),
 ]
 
 
