@@ -1,19 +1,56 @@
-"""bootstrap_room -> prefill dp rank, with expiry and a hard memory bound.
+"""bootstrap_room -> prefill dp rank, with expiry and a hard memory bound of ~12 bytes a room.
 
 With prefill dp > 1 and a load-balance method other than ``follow_bootstrap_room``, SGLang
-registers one room per request served, so this table sees sustained traffic. Entries expire after
-a TTL (SGLang: 120 s) and the table never holds more than ``capacity`` entries (oldest evicted
-first), so memory stays bounded at any request rate. Expiry is swept incrementally on writes:
-with one TTL for all entries, insertion order is expiry order, and the oldest entries sit at the
-front of the ordered dict.
+registers one room per request served, so this table sees sustained traffic and must stay small
+at any rate. A plain dict costs ~90 bytes a room (the 63-bit key alone is a 40-byte int object),
+so rooms live in *generations*:
+
+- new rooms go into a dict, the live generation: the rooms a decode asks about were usually
+  registered moments ago, and a dict answers those fastest;
+- once it holds ``capacity / 8`` rooms or is ``ttl / 8`` old, it is frozen into two sorted arrays
+  (8-byte rooms, 4-byte ranks) searched by bisection, and a new live generation starts;
+- a generation expires as a whole once its newest room is ``ttl`` old, so a room is found for at
+  least ``ttl`` after its last registration and at most ``ttl / 8`` longer (SGLang's own sweep
+  keeps rooms between one and two TTLs);
+- beyond ``capacity`` rooms the oldest generations are evicted, so the table never holds more.
+
+A room registered again is found with its newest dp rank: the newest generation is asked first.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from array import array
+from bisect import bisect_left
+from collections import deque
 from collections.abc import Iterable
 
-__all__ = ["RoomTable"]
+__all__ = ["GENERATIONS", "RoomTable"]
+
+GENERATIONS = 8
+"""Generations per TTL and per capacity: more means finer expiry and smaller freezes, but more
+arrays to search for a room that is not in the live generation."""
+
+
+class _Frozen:
+    """One generation, read-only: sorted rooms and their dp ranks, 12 bytes a room."""
+
+    __slots__ = ("newest", "ranks", "rooms")
+
+    def __init__(self, live: dict[int, int], newest: float) -> None:
+        rooms = sorted(live)
+        self.rooms = array("Q", rooms)
+        self.ranks = array("I", map(live.__getitem__, rooms))
+        self.newest = newest
+
+    def __len__(self) -> int:
+        return len(self.rooms)
+
+    def get(self, room: int) -> int | None:
+        rooms = self.rooms
+        index = bisect_left(rooms, room)
+        if index < len(rooms) and rooms[index] == room:
+            return self.ranks[index]
+        return None
 
 
 class RoomTable:
@@ -24,41 +61,69 @@ class RoomTable:
             raise ValueError("capacity must be at least 1")
         self.ttl_seconds = ttl_seconds
         self.capacity = capacity
-        self._entries: OrderedDict[int, tuple[int, float]] = OrderedDict()
+        self.generation_size = max(1, capacity // GENERATIONS)
+        self.generation_span = ttl_seconds / GENERATIONS
+        self._live: dict[int, int] = {}
+        self._live_since = 0.0
+        self._live_newest = 0.0
+        self._frozen: deque[_Frozen] = deque()
+        self._frozen_rooms = 0
         self.evicted = 0
         self.expired = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        """Room entries held; a room registered again may count once per generation."""
+        return len(self._live) + self._frozen_rooms
 
     def register(self, room: int, dp_rank: int, now: float) -> None:
-        entries = self._entries
-        if room in entries:
-            del entries[room]  # re-registration restarts the room's lifetime
-        entries[room] = (dp_rank, now + self.ttl_seconds)
-        self.sweep(now)
-        while len(entries) > self.capacity:
-            entries.popitem(last=False)
-            self.evicted += 1
+        self._age(now)
+        live = self._live
+        if not live:
+            self._live_since = now
+        live[room] = dp_rank
+        self._live_newest = now
+        if len(live) >= self.generation_size:
+            self._freeze()
+        while len(self) > self.capacity and self._frozen:
+            self.evicted += self._drop_oldest()
 
     def query(self, rooms: Iterable[int], now: float) -> dict[str, int]:
+        """The dp rank of every known room, keyed by the room as a string (SGLang's shape)."""
+        self._age(now)
+        live, frozen = self._live, self._frozen
         found: dict[str, int] = {}
-        entries = self._entries
         for room in rooms:
-            entry = entries.get(room)
-            if entry is not None and entry[1] > now:
-                found[str(room)] = entry[0]
+            rank = live.get(room)
+            if rank is None:
+                for generation in reversed(frozen):
+                    rank = generation.get(room)
+                    if rank is not None:
+                        break
+                else:
+                    continue
+            found[str(room)] = rank
         return found
 
-    def sweep(self, now: float) -> int:
-        """Drop expired entries from the front; cheap because the front is the oldest."""
-        entries = self._entries
-        dropped = 0
-        while entries:
-            room, (_, expires_at) = next(iter(entries.items()))
-            if expires_at > now:
-                break
-            del entries[room]
-            dropped += 1
-        self.expired += dropped
+    def _age(self, now: float) -> None:
+        """Freeze a live generation that spans ``ttl / 8``, then drop expired generations.
+
+        Freezing first keeps every live room younger than the TTL, so only whole frozen
+        generations ever expire.
+        """
+        if self._live and now - self._live_since >= self.generation_span:
+            self._freeze()
+        cutoff = now - self.ttl_seconds
+        frozen = self._frozen
+        while frozen and frozen[0].newest <= cutoff:
+            self.expired += self._drop_oldest()
+
+    def _freeze(self) -> None:
+        generation = _Frozen(self._live, self._live_newest)
+        self._frozen.append(generation)
+        self._frozen_rooms += len(generation)
+        self._live = {}
+
+    def _drop_oldest(self) -> int:
+        dropped = len(self._frozen.popleft())
+        self._frozen_rooms -= dropped
         return dropped

@@ -37,10 +37,13 @@ class ServerSettings(BaseSettings):
     )
     reset: bool = Field(False, description="discard the stored table and start a new group")
     room_ttl_seconds: Annotated[float, Field(gt=0)] = Field(
-        120.0, description="how long a bootstrap_room -> dp_rank entry lives (SGLang: 120 s)"
+        120.0,
+        description="how long a bootstrap_room -> dp_rank entry lives: at least this long after "
+        "its last registration, at most an eighth longer (SGLang: 120 s)",
     )
     room_capacity: Annotated[int, Field(ge=1)] = Field(
-        200_000, description="most room entries kept; the oldest are evicted beyond it"
+        200_000,
+        description="most room entries kept (~12 bytes each); the oldest are evicted beyond it",
     )
     max_body_bytes: Annotated[int, Field(ge=1024)] = Field(
         MAX_BODY_BYTES, description="larger request bodies are refused with 413"
