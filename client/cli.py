@@ -42,6 +42,11 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument("--max-body-bytes", type=int, help="request body cap (1048576)")
     serve.add_argument("--max-wait-seconds", type=float, help="cap for ?wait= long polls (300)")
     serve.add_argument("--backlog", type=int, help="listen backlog (4096)")
+    serve.add_argument(
+        "--accept-limit",
+        type=int,
+        help="most new connections taken at once; the rest wait in the backlog (256)",
+    )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", choices=["text", "json"], help="log line format (text)")
     serve.add_argument("--access-log", action="store_true", default=None, help="log every request")
@@ -75,7 +80,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         ) from exc
     fields = (
         "host", "port", "state_dir", "reset", "room_ttl_seconds", "room_capacity",
-        "max_body_bytes", "max_wait_seconds", "backlog", "log_level", "access_log",
+        "max_body_bytes", "max_wait_seconds", "backlog", "accept_limit", "log_level", "access_log",
         "log_format", "auth_token", "auth_reads", "ssl_certfile", "ssl_keyfile", "protocol",
     )  # fmt: skip
     overrides = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}

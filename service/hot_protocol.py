@@ -7,6 +7,9 @@ requests are answered straight from the parser's callbacks with one write, throu
 ``FrontDoor`` methods the ASGI path uses (token check, answer, metrics), so both doors answer the
 same bytes. Anything unusual (HTTP/1.0, ``Connection: close``, ``Expect``, pipelining, access
 logging) takes uvicorn's normal path, as does every other route.
+
+Each connection also holds the ``Slot`` the admission listener (``listener.py``) accepted it with,
+and gives it back once its first answer is written or it closes.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from prefill_bootstrap.service.fastpath import INSTANCE_HEADER, FrontDoor
+from prefill_bootstrap.service.listener import Slot
 from prefill_bootstrap.service.replies import Reply
 
 __all__ = ["hot_path_protocol"]
@@ -24,6 +28,23 @@ __all__ = ["hot_path_protocol"]
 
 class _HotPathProtocol(HttpToolsProtocol):
     front: FrontDoor
+
+    def __init__(self, *args: Any, slot: Slot | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.slot = slot
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._release_slot()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._release_slot()
+
+    def _release_slot(self) -> None:
+        if self.slot is not None:
+            self.slot.release()
+            self.slot = None
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

@@ -7,6 +7,7 @@ shutdown; the app's lifespan then drains the state writer, so every acknowledged
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import signal
@@ -18,6 +19,7 @@ import uvicorn
 from prefill_bootstrap.client.errors import ConfigurationError, PortInUse
 from prefill_bootstrap.service.app import create_app
 from prefill_bootstrap.service.hot_protocol import hot_path_protocol
+from prefill_bootstrap.service.listener import AdmissionListener, Slot
 from prefill_bootstrap.service.logs import configure_logging
 from prefill_bootstrap.service.settings import ServerSettings
 
@@ -50,10 +52,38 @@ def bind_socket(host: str, port: int, backlog: int) -> socket.socket:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn re-raises SIGTERM after its graceful shutdown, so the process dies "killed by
-    signal" even though it stopped cleanly; supervisors then report a crash. We shut down the same
-    way but exit 0.
+    """uvicorn with our listener, and a clean exit on SIGTERM.
+
+    uvicorn re-raises SIGTERM after its graceful shutdown, so the process dies "killed by signal"
+    even though it stopped cleanly; supervisors then report a crash. We shut down the same way but
+    exit 0.
     """
+
+    def __init__(self, config: uvicorn.Config, accept_limit: int) -> None:
+        super().__init__(config)
+        self.accept_limit = accept_limit
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's start-up (the app's lifespan) without uvicorn's listener: ours paces how
+        many new connections are taken at once (listener.py)."""
+        await super().startup(sockets=[])
+        config, loop = self.config, asyncio.get_running_loop()
+
+        def protocol(slot: Slot) -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config,
+                server_state=self.server_state,
+                app_state=self.lifespan.state,
+                _loop=loop,
+                slot=slot,
+            )
+
+        for sock in sockets or []:
+            listener = AdmissionListener(
+                sock, protocol, limit=self.accept_limit, ssl_context=config.ssl
+            )
+            listener.start()
+            self.servers.append(listener)  # type: ignore[arg-type]
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
@@ -94,5 +124,5 @@ def serve(settings: ServerSettings) -> None:
         http=hot_path_protocol(app),
         proxy_headers=False,
     )
-    _Server(config).run(sockets=[sock])
+    _Server(config, settings.accept_limit).run(sockets=[sock])
     log.info("prefill-bootstrap stopped cleanly.")

@@ -54,6 +54,11 @@ class ServerSettings(BaseSettings):
     backlog: Annotated[int, Field(ge=16)] = Field(
         4096, description="listen backlog: a whole group registers within the same second"
     )
+    accept_limit: Annotated[int, Field(ge=1)] = Field(
+        256,
+        description="most new connections taken at once (accepted, not yet answered); the rest "
+        "wait in the listen backlog, which keeps a start-up storm's memory bounded",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = Field(
         "text", description="'json' writes one JSON object per log line"

@@ -1,0 +1,176 @@
+"""Accept connections ourselves, a window at a time, so a registration storm waits in the kernel.
+
+uvloop's own server accepts every pending connection at once. In a start-up storm that put a
+protocol, a parser and a request of every rank in the heap together (4096 ranks: the heap peaked
+at ~130 MB and, fragmented, stayed there). This listener accepts only while fewer than ``limit``
+new connections await their first answer; the rest wait in the listen backlog, already connected
+(the kernel completed their handshake), and are taken as answers go out. The storm is no slower:
+the server could not answer them sooner anyway.
+
+Only *new* connections are paced. A connection gives its slot back when its first response has
+been written or when it closes, and after ``slot_seconds`` at the latest, so a client that
+connects and never sends cannot hold the door shut; kept-alive connections cost no slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+
+__all__ = ["SLOT_SECONDS", "AdmissionListener", "Slot"]
+
+log = logging.getLogger("prefill_bootstrap.server")
+
+SLOT_SECONDS = 10.0
+"""How long a new connection may hold its slot without being answered."""
+
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_RETRY_SECONDS = 1.0
+
+
+class Slot:
+    """One new connection's place in the window; ``release`` is idempotent."""
+
+    __slots__ = ("_listener", "admitted_at")
+
+    def __init__(self, listener: AdmissionListener, admitted_at: float) -> None:
+        self._listener: AdmissionListener | None = listener
+        self.admitted_at = admitted_at
+
+    def release(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener._release(self)
+
+
+ProtocolFactory = Callable[[Slot], asyncio.Protocol]
+"""Builds the protocol of one accepted connection, which releases the slot it is given."""
+
+
+class AdmissionListener:
+    """Duck-types the part of ``asyncio.Server`` uvicorn uses: ``close`` and ``wait_closed``."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        protocol_factory: ProtocolFactory,
+        *,
+        limit: int,
+        ssl_context: ssl.SSLContext | None = None,
+        slot_seconds: float = SLOT_SECONDS,
+    ) -> None:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self.limit = limit
+        self.slot_seconds = slot_seconds
+        self._sock = sock
+        self._factory = protocol_factory
+        self._ssl = ssl_context
+        self._loop = asyncio.get_running_loop()
+        self._held: dict[Slot, None] = {}
+        """Unanswered new connections, oldest first (dicts keep insertion order)."""
+        self._handshakes: set[asyncio.Task[object]] = set()
+        self._accepting = False
+        self._closed = False
+        self._sweep: asyncio.TimerHandle | None = None
+        sock.setblocking(False)
+
+    @property
+    def unanswered(self) -> int:
+        return len(self._held)
+
+    def start(self) -> None:
+        self._closed = False
+        self._resume()
+
+    def close(self) -> None:
+        """Stop accepting; the socket itself belongs to whoever bound it."""
+        self._closed = True
+        self._pause()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+
+    async def wait_closed(self) -> None:
+        """Let connections already accepted finish connecting (and TLS handshakes end)."""
+        if self._handshakes:
+            await asyncio.gather(*self._handshakes, return_exceptions=True)
+
+    # -- accepting -----------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        if not self._accepting and not self._closed:
+            self._loop.add_reader(self._sock.fileno(), self._accept_some)
+            self._accepting = True
+
+    def _pause(self) -> None:
+        if self._accepting:
+            self._loop.remove_reader(self._sock.fileno())
+            self._accepting = False
+
+    def _accept_some(self) -> None:
+        while len(self._held) < self.limit:
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    log.warning(
+                        "Cannot accept connections on %s: %s; retrying in %.0fs (raise the open "
+                        "file limit, ulimit -n, if this repeats).",
+                        self._sock.getsockname(),
+                        exc.strerror,
+                        _RETRY_SECONDS,
+                    )
+                    self._pause()
+                    self._loop.call_later(_RETRY_SECONDS, self._resume)
+                    return
+                continue  # the client gave up before we took it (ECONNABORTED and the like)
+            self._admit(conn)
+        self._pause()  # the window is full: the rest wait in the listen backlog
+
+    def _admit(self, conn: socket.socket) -> None:
+        slot = Slot(self, self._loop.time())
+        self._held[slot] = None
+        if self._sweep is None:
+            self._sweep = self._loop.call_later(self.slot_seconds, self._release_stale)
+        connecting = self._loop.create_task(
+            self._loop.connect_accepted_socket(
+                functools.partial(self._factory, slot), conn, ssl=self._ssl
+            )
+        )
+        self._handshakes.add(connecting)
+        connecting.add_done_callback(functools.partial(self._connected, slot))
+
+    def _connected(self, slot: Slot, connecting: asyncio.Task[object]) -> None:
+        self._handshakes.discard(connecting)
+        if connecting.cancelled() or connecting.exception() is not None:
+            slot.release()  # no protocol will: the connection died during set-up or handshake
+
+    # -- slots ---------------------------------------------------------------------------------
+
+    def _release(self, slot: Slot) -> None:
+        del self._held[slot]
+        if len(self._held) < self.limit:
+            self._resume()
+
+    def _release_stale(self) -> None:
+        self._sweep = None
+        cutoff = self._loop.time() - self.slot_seconds
+        stale = []
+        for slot in self._held:
+            if slot.admitted_at > cutoff:
+                break
+            stale.append(slot)
+        for slot in stale:
+            slot.release()
+        if self._held and not self._closed:
+            oldest = next(iter(self._held)).admitted_at
+            delay = max(oldest + self.slot_seconds - self._loop.time(), 0.01)
+            self._sweep = self._loop.call_later(delay, self._release_stale)
