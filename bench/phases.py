@@ -121,7 +121,7 @@ def _storm_runs(plan: Plan, result: PhaseResult, ranks: int, in_flight: int | No
     for _ in range(plan.runs):
         with _server(plan) as server:
             server_cpu, client_cpu = server.cpu_seconds(), time.process_time()
-            outcome = _run(storm(server.port, topology, in_flight))
+            outcome = storm(server.port, topology, in_flight)
             server_cpu = server.cpu_seconds() - server_cpu
             busy = {
                 "server_cpu_seconds": round(server_cpu, 3),
@@ -189,7 +189,7 @@ def steady_load(plan: Plan) -> PhaseResult:
     for _ in range(plan.runs):
         run: dict[str, Any] = {}
         with _server(plan) as server:
-            filled = _run(storm(server.port, topology, plan.capped_in_flight))
+            filled = storm(server.port, topology, plan.capped_in_flight)
             if filled.failures:
                 result.problems.append(f"filling the table: {filled.failures} failures")
                 continue
@@ -240,7 +240,7 @@ def memory(plan: Plan) -> PhaseResult:
     for _ in range(plan.runs):
         with _server(plan) as server:
             idle = server.memory()
-            filled = _run(storm(server.port, topology))
+            filled = storm(server.port, topology)
             after_storm = server.memory()
             rooms = RoomFlood(topology.dp, plan.memory_rooms // plan.connections + 1)
             flood = _run(

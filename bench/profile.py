@@ -142,7 +142,7 @@ def profile_route(out_dir: Path, seconds: float, rate: int, native: bool, cpus: 
     topology = Topology.for_ranks(512)
     raw = out_dir / f"profile-route{'-native' if native else ''}.txt"
     with Server(cpus=cpus) as server:
-        _run(storm(server.port, topology, 64))
+        storm(server.port, topology, 64)
         recorder = _record(server.pid, raw, rate, native)
         outcome = _run(closed_loop(server.port, RouteLookups(topology), 64, seconds, 0.5))
         _stop(recorder)
@@ -162,7 +162,7 @@ def profile_storm(
         for index in range(storms):
             if index:
                 _run(fetch("127.0.0.1", server.port, build_request("DELETE", TABLE_PATH)))
-            outcome = _run(storm(server.port, topology))
+            outcome = storm(server.port, topology)
             print(f"profile: storm {index + 1} under py-spy: {outcome.summary()}")  # type: ignore[attr-defined]
         _stop(recorder)
     return raw

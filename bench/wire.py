@@ -24,6 +24,7 @@ __all__ = [
     "connect",
     "fetch",
     "new_loop",
+    "parse_head",
 ]
 
 Callback = Callable[[int, bytes], None]
@@ -77,7 +78,7 @@ class Connection(asyncio.Protocol):
                 if end < 0:
                     return
                 try:
-                    self._status, length = _parse_head(bytes(buffer[:end]))
+                    self._status, length = parse_head(bytes(buffer[:end]))
                 except ProtocolError:
                     self._fail()
                     return
@@ -134,7 +135,8 @@ class Connection(asyncio.Protocol):
             callback(0, b"")
 
 
-def _parse_head(head: bytes) -> tuple[int, int]:
+def parse_head(head: bytes) -> tuple[int, int]:
+    """(status, content-length) of a response head, without the blank line that ends it."""
     if not head.startswith(b"HTTP/1.1 ") or len(head) < 12:
         raise ProtocolError(f"not an HTTP/1.1 status line: {head[:40]!r}")
     status = int(head[9:12])
