@@ -44,6 +44,7 @@ _HOT = frozenset(
         ("POST", "/query_dp_ranks"),
     }
 )
+_REGISTRATION = ("PUT", "/route")
 _WRITES = frozenset(
     {
         ("PUT", "/route"),
@@ -145,7 +146,15 @@ class FrontDoor:
             metrics.registrations["invalid"] += 1
 
     def is_hot(self, method: str, path: str) -> bool:
+        """Answered at once, without the app: the protocol's hot reads and room routes."""
         return self.serve_hot_routes and (method, path) in _HOT
+
+    def is_registration(self, method: str, path: str) -> bool:
+        """``PUT /route``, answered without the app once durable: the start-up storm's route."""
+        return self.serve_hot_routes and (method, path) == _REGISTRATION
+
+    async def register(self, body: bytes) -> Reply:
+        return await answers.register(self.registry, body)
 
     def hot_reply(self, method: str, path: str, query: bytes, body: bytes) -> Reply:
         """The answer of a hot route, once the token (if any) was checked and the body read."""
@@ -203,9 +212,9 @@ class FrontDoor:
             receive = _replay(body, receive)
         if self.is_hot(method, path):
             return await self._send(send, self.hot_reply(method, path, scope["query_string"], body))
-        if self.serve_hot_routes and method == "PUT" and path == "/route":
+        if self.is_registration(method, path):
             # Registrations arrive as a storm at start-up; FastAPI's routing was most of their cost.
-            return await self._send(send, await answers.register(self.registry, body))
+            return await self._send(send, await self.register(body))
         return await self._forward(scope, receive, send)
 
     def _needs_token(self, method: str, path: str) -> bool:

@@ -5,8 +5,11 @@ of a request's cost was uvicorn's ASGI machinery around a microsecond of work: a
 request/response cycle, an event, a task, and two socket writes (headers, then body). Here those
 requests are answered straight from the parser's callbacks with one write, through the same
 ``FrontDoor`` methods the ASGI path uses (token check, answer, metrics), so both doors answer the
-same bytes. Anything unusual (HTTP/1.0, ``Connection: close``, ``Expect``, pipelining, access
-logging) takes uvicorn's normal path, as does every other route.
+same bytes. ``PUT /route`` (the start-up storm) is answered the same way once its registration is
+durable: a task awaits the disk, and while it does, a placeholder holds uvicorn's cycle slot, so a
+request pipelined behind it waits its turn as it would behind any cycle. Anything unusual
+(HTTP/1.0, ``Connection: close``, ``Expect``, pipelining, access logging) takes uvicorn's normal
+path, as does every other route.
 
 Each connection also holds the ``Slot`` the admission listener (``listener.py``) accepted it with,
 and gives it back once its first answer is written or it closes.
@@ -14,6 +17,9 @@ and gives it back once its first answer is written or it closes.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import logging
 import time
 from typing import Any
 
@@ -21,9 +27,34 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from prefill_bootstrap.service.fastpath import INSTANCE_HEADER, FrontDoor
 from prefill_bootstrap.service.listener import Slot
-from prefill_bootstrap.service.replies import Reply
+from prefill_bootstrap.service.replies import Reply, error_reply
 
 __all__ = ["hot_path_protocol"]
+
+log = logging.getLogger("prefill_bootstrap.server")
+
+
+class _NoWaiters:
+    def set(self) -> None:
+        """uvicorn sets a lost connection's cycle event; nothing waits on a placeholder's."""
+
+
+class _Registering:
+    """Holds uvicorn's cycle slot (``protocol.cycle``) while a registration awaits the disk.
+
+    uvicorn queues a pipelined request while ``response_complete`` is false, marks
+    ``disconnected`` and sets ``message_event`` when the connection is lost, and clears
+    ``keep_alive`` to close after the answer on a graceful shutdown: the three things it does
+    to any cycle it did not start itself.
+    """
+
+    __slots__ = ("disconnected", "keep_alive", "response_complete")
+    message_event = _NoWaiters()
+
+    def __init__(self) -> None:
+        self.response_complete = False
+        self.disconnected = False
+        self.keep_alive = True
 
 
 class _HotPathProtocol(HttpToolsProtocol):
@@ -59,7 +90,7 @@ class _HotPathProtocol(HttpToolsProtocol):
     def _take_hot_path(self) -> bool:
         parser = self.parser
         method = parser.get_method().decode("ascii")
-        if method not in ("GET", "POST") or parser.get_http_version() != "1.1":
+        if method not in ("GET", "POST", "PUT") or parser.get_http_version() != "1.1":
             return False
         if not parser.should_keep_alive() or parser.should_upgrade():
             return False
@@ -72,7 +103,7 @@ class _HotPathProtocol(HttpToolsProtocol):
             route = path.decode("ascii")
         except UnicodeDecodeError:
             return False
-        if not self.front.is_hot(method, route):
+        if not (self.front.is_hot(method, route) or self.front.is_registration(method, route)):
             return False
         self._hot = (method, route, query.partition(b"#")[0], time.perf_counter())
         return True
@@ -93,13 +124,44 @@ class _HotPathProtocol(HttpToolsProtocol):
         self._hot = None
         front = self.front
         reply = front.refusal(self.headers, self.client, method, route)
+        if reply is None and self._hot_size > front.max_body_bytes:
+            reply = front.too_large()
+        if reply is None and front.is_registration(method, route):
+            self._answer_when_durable(front.register(b"".join(self._hot_body)), started)
+            return
         if reply is None:
-            if self._hot_size > front.max_body_bytes:
-                reply = front.too_large()
-            else:
-                reply = front.hot_reply(method, route, query, b"".join(self._hot_body))
+            reply = front.hot_reply(method, route, query, b"".join(self._hot_body))
         self._write(reply)
         front.observe(method, route, reply.status, started)
+        self.on_response_complete()
+
+    def _answer_when_durable(self, registering: Any, started: float) -> None:
+        placeholder = _Registering()
+        self.cycle = placeholder  # type: ignore[assignment]
+        task = self.loop.create_task(registering)
+        self.tasks.add(task)  # uvicorn's graceful shutdown waits for it
+        task.add_done_callback(functools.partial(self._registered, placeholder, started))
+
+    def _registered(
+        self, placeholder: _Registering, started: float, task: asyncio.Task[Reply]
+    ) -> None:
+        self.tasks.discard(task)
+        placeholder.response_complete = True
+        if task.cancelled():  # the graceful shutdown's deadline passed: nothing to answer with
+            self.transport.close()
+            return
+        failure = task.exception()
+        if failure is not None:
+            log.error("PUT /route failed unexpectedly.", exc_info=failure)
+            reply = error_reply(500, "internal_error", f"unexpected {type(failure).__name__}")
+        else:
+            reply = task.result()
+        self.front.observe("PUT", "/route", reply.status, started)
+        if self.transport.is_closing():
+            return  # the rank went away; its registration stands
+        self._write(reply)
+        if not placeholder.keep_alive:
+            self.transport.close()
         self.on_response_complete()
 
     def _write(self, reply: Reply) -> None:

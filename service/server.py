@@ -22,8 +22,9 @@ from prefill_bootstrap.service.hot_protocol import hot_path_protocol
 from prefill_bootstrap.service.listener import AdmissionListener, Slot
 from prefill_bootstrap.service.logs import configure_logging
 from prefill_bootstrap.service.settings import ServerSettings
+from prefill_bootstrap.service.store import StateStore
 
-__all__ = ["bind_socket", "serve"]
+__all__ = ["bind_socket", "prepare", "serve"]
 
 log = logging.getLogger("prefill_bootstrap.server")
 
@@ -91,10 +92,13 @@ class _Server(uvicorn.Server):
         log.info("Received %s; finishing requests and closing the state.", signal.Signals(sig).name)
 
 
-def serve(settings: ServerSettings) -> None:
-    configure_logging(settings.log_level, settings.log_format)
+def prepare(
+    settings: ServerSettings, store: StateStore | None = None
+) -> tuple[_Server, socket.socket]:
+    """Bind the socket and build the server, not yet serving: ``serve`` runs it; tests run it
+    in a thread with a store of their own."""
     sock = bind_socket(settings.host, settings.port, settings.backlog)
-    app = create_app(settings)
+    app = create_app(settings, store)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     registry = app.registry
@@ -124,5 +128,11 @@ def serve(settings: ServerSettings) -> None:
         http=hot_path_protocol(app),
         proxy_headers=False,
     )
-    _Server(config, settings.accept_limit).run(sockets=[sock])
+    return _Server(config, settings.accept_limit), sock
+
+
+def serve(settings: ServerSettings) -> None:
+    configure_logging(settings.log_level, settings.log_format)
+    server, sock = prepare(settings)
+    server.run(sockets=[sock])
     log.info("prefill-bootstrap stopped cleanly.")

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 from collections.abc import Callable
 
 import httpx
+import orjson
 import pytest
 
-from tests.conftest import ServerProcess, sglang_registration
+from tests.conftest import ServerProcess, cell_query, sglang_registration
 
 pytestmark = pytest.mark.timeout(60)
 INFO = "/route?prefill_dp_rank=-1&prefill_cp_rank=-1&target_tp_rank=-1&target_pp_rank=-1"
@@ -126,3 +128,66 @@ def test_keep_alive_serves_many_requests_on_one_connection(server: ServerProcess
             assert response.status_code == 200
         rooms = client.post("/query_dp_ranks", json={"bootstrap_rooms": list(range(50))}).json()
     assert rooms == {str(index): index % 4 for index in range(50)}
+
+
+def put_route(body: dict[str, object], *extra_headers: str) -> bytes:
+    payload = orjson.dumps(body)
+    headers = "".join(f"{header}\r\n" for header in extra_headers)
+    return (
+        f"PUT /route HTTP/1.1\r\nhost: x\r\ncontent-length: {len(payload)}\r\n{headers}\r\n"
+    ).encode() + payload
+
+
+def test_requests_pipelined_behind_a_registration_wait_for_it_to_be_durable(
+    server: ServerProcess,
+) -> None:
+    """The info query after the last rank's registration must already see a complete table."""
+    requests = (
+        put_route(sglang_registration(attn_tp_rank=0, rank_port=41000))
+        + put_route(sglang_registration(attn_tp_rank=1, rank_port=41001))
+        + f"GET {INFO} HTTP/1.1\r\nhost: x\r\n\r\n".encode()
+        + b"GET /ready HTTP/1.1\r\nhost: x\r\n\r\n"
+    )
+    answer = exchange(server, requests, responses=4)
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [b"200", b"200", b"200", b"200"]
+    assert answer.count(b"\r\n\r\nOK") == 2
+
+
+def test_a_registration_stands_when_its_rank_hangs_up_before_the_answer(
+    server: ServerProcess,
+) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(put_route(sglang_registration(attn_tp_rank=1, rank_port=41001)))
+    deadline = time.monotonic() + 10
+    with httpx.Client(base_url=server.url) as client:
+        while client.get("/prefill_port_table").json()["registered_cells"] < 1:
+            assert time.monotonic() < deadline, "the registration was lost with its connection"
+            time.sleep(0.02)
+        cell = client.get("/route", params=cell_query(0, 0, 1, 0))
+    assert cell.status_code == 503  # registered, but the group of two is not complete
+
+
+def test_a_registration_needs_the_token_and_fits_the_body_cap_on_the_hot_path(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    server = server_factory("--auth-token", "t0k", "--max-body-bytes", "2048", durable=False)
+    body = sglang_registration()
+    refused = exchange(server, put_route(body))
+    assert refused.startswith(b"HTTP/1.1 401 ")
+    too_large = exchange(
+        server, put_route({**body, "padding": "x" * 4096}, "authorization: Bearer t0k")
+    )
+    assert too_large.startswith(b"HTTP/1.1 413 ")
+    accepted = exchange(server, put_route(body, "authorization: Bearer t0k"))
+    assert accepted.startswith(b"HTTP/1.1 200 ") and accepted.endswith(b"\r\n\r\nOK")
+
+
+def test_a_registration_answer_carries_the_same_headers_as_every_hot_answer(
+    server: ServerProcess,
+) -> None:
+    answer = exchange(server, put_route(sglang_registration()))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    assert b"content-type: text/plain; charset=utf-8" in head
+    assert b"x-sglang-disaggregation-instance-id: " in head
+    assert body == b"OK"

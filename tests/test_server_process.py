@@ -13,9 +13,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from prefill_bootstrap.service import ServerSettings, create_app
+from prefill_bootstrap.service.server import prepare
 from prefill_bootstrap.service.store import Change, MemoryStore
 from tests.conftest import ServerProcess, free_port, info_query, sglang_registration
 
@@ -161,9 +163,11 @@ class SlowStore(MemoryStore):
 
     def __init__(self) -> None:
         super().__init__()
+        self.writing = threading.Event()
         self.release = threading.Event()
 
     def write(self, changes: Sequence[Change]) -> None:
+        self.writing.set()
         self.release.wait(timeout=30)
         super().write(changes)
 
@@ -207,3 +211,43 @@ async def test_a_registration_that_cannot_be_made_durable_is_a_503_asking_to_ret
         assert "No space left on device" in response.json()["message"]
         assert "retry" in response.json()["message"]
     app.registry.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_graceful_shutdown_answers_the_registrations_still_waiting_for_the_disk() -> None:
+    """SIGTERM in the middle of a storm: a rank whose registration is on its way to disk gets
+    its OK (and then the connection closes) before the server exits."""
+    store = SlowStore()
+    server, sock = prepare(ServerSettings(state_dir=None, port=0), store)
+    port = sock.getsockname()[1]
+    running = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
+    running.start()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as rank:
+            body = orjson.dumps(sglang_registration())
+            rank.sendall(
+                b"PUT /route HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s"
+                % (len(body), body)
+            )
+            deadline = time.monotonic() + 10
+            while not store.writing.is_set():
+                assert time.monotonic() < deadline, "the registration never reached the store"
+                time.sleep(0.01)
+            server.should_exit = True  # what SIGTERM does
+            while True:  # the listening socket closes once the shutdown has begun
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                except ConnectionRefusedError:
+                    break
+                assert time.monotonic() < deadline, "the server never began shutting down"
+                time.sleep(0.01)
+            store.release.set()
+            answer = b""
+            while chunk := rank.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"\r\n\r\nOK")
+    finally:
+        store.release.set()
+        server.should_exit = True
+        running.join(timeout=20)
+    assert not running.is_alive()
