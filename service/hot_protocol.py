@@ -21,6 +21,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -135,7 +136,7 @@ class _HotPathProtocol(HttpToolsProtocol):
         front.observe(method, route, reply.status, started)
         self.on_response_complete()
 
-    def _answer_when_durable(self, registering: Any, started: float) -> None:
+    def _answer_when_durable(self, registering: Coroutine[Any, Any, Reply], started: float) -> None:
         placeholder = _Registering()
         self.cycle = placeholder  # type: ignore[assignment]
         task = self.loop.create_task(registering)

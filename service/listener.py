@@ -29,7 +29,7 @@ log = logging.getLogger("prefill_bootstrap.server")
 SLOT_SECONDS = 10.0
 """How long a new connection may hold its slot without being answered."""
 
-_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_OUT_OF_FILES = frozenset({errno.EMFILE, errno.ENFILE})
 _RETRY_SECONDS = 1.0
 
 
@@ -119,21 +119,27 @@ class AdmissionListener:
                 conn, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
+            except ConnectionAbortedError:
+                continue  # the client gave up before we took it
             except OSError as exc:
-                if exc.errno in _OUT_OF_RESOURCES:
-                    log.warning(
-                        "Cannot accept connections on %s: %s; retrying in %.0fs (raise the open "
-                        "file limit, ulimit -n, if this repeats).",
-                        self._sock.getsockname(),
-                        exc.strerror,
-                        _RETRY_SECONDS,
-                    )
-                    self._pause()
-                    self._loop.call_later(_RETRY_SECONDS, self._resume)
-                    return
-                continue  # the client gave up before we took it (ECONNABORTED and the like)
+                self._retry_later(exc)
+                return
             self._admit(conn)
         self._pause()  # the window is full: the rest wait in the listen backlog
+
+    def _retry_later(self, exc: OSError) -> None:
+        """Out of file descriptors and the like: the socket stays readable, so stop watching it
+        for a second instead of spinning on the same error."""
+        hint = " (raise the open file limit, ulimit -n)" if exc.errno in _OUT_OF_FILES else ""
+        log.warning(
+            "Cannot accept connections on %s: %s; retrying in %.0fs%s.",
+            self._sock.getsockname(),
+            exc.strerror or exc,
+            _RETRY_SECONDS,
+            hint,
+        )
+        self._pause()
+        self._loop.call_later(_RETRY_SECONDS, self._resume)
 
     def _admit(self, conn: socket.socket) -> None:
         slot = Slot(self, self._loop.time())

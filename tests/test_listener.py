@@ -4,6 +4,7 @@ listen backlog; slots come back on the first answer, on close, or after ``slot_s
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -151,6 +152,49 @@ async def test_a_closed_listener_takes_no_new_connections(
     harness.listener.close()
     await harness.connect(2)  # the kernel still completes the handshake: the socket listens
     assert await harness.accepted_count(3, within=0.2) == 1
+
+
+class OutOfFiles:
+    """A listening socket whose first accept fails as if the process ran out of descriptors."""
+
+    def __init__(self, real: socket.socket) -> None:
+        self.real = real
+        self.failures = 1
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.real.accept()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+
+async def test_running_out_of_descriptors_pauses_accepting_for_a_second_then_resumes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    accepted: list[Connection] = []
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        listener = AdmissionListener(
+            OutOfFiles(sock),  # type: ignore[arg-type]
+            lambda slot: Connection(slot, accepted),
+            limit=4,
+        )
+        listener.start()
+        harness = Harness(listener, sock.getsockname()[1], accepted)
+        try:
+            await harness.connect(1)
+            assert await harness.accepted_count(1, within=0.3) == 0
+            assert await harness.accepted_count(1, within=3) == 1
+        finally:
+            listener.close()
+            for writer in harness.clients:
+                writer.close()
+            await listener.wait_closed()
+    assert "Too many open files; retrying in 1s (raise the open file limit" in caplog.text
 
 
 def test_a_limit_below_one_is_refused() -> None:
