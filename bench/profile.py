@@ -32,6 +32,7 @@ TABLE_PATH = "/prefill_port_table"
 
 LAYERS: tuple[tuple[str, str], ...] = (
     ("service/hot_protocol.py", "ours: hot-path protocol (hot_protocol.py, incl. its write)"),
+    ("service/listener.py", "ours: admission listener (accept, connection set-up)"),
     ("service/fastpath.py", "ours: front door (fastpath.py)"),
     ("service/replies.py", "ours: replies.py"),
     ("service/answers.py", "ours: answers.py"),

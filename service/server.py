@@ -24,7 +24,7 @@ from prefill_bootstrap.service.logs import configure_logging
 from prefill_bootstrap.service.settings import ServerSettings
 from prefill_bootstrap.service.store import StateStore
 
-__all__ = ["bind_socket", "prepare", "serve"]
+__all__ = ["BootstrapServer", "bind_socket", "prepare", "serve"]
 
 log = logging.getLogger("prefill_bootstrap.server")
 
@@ -52,7 +52,7 @@ def bind_socket(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
-class _Server(uvicorn.Server):
+class BootstrapServer(uvicorn.Server):
     """uvicorn with our listener, and a clean exit on SIGTERM.
 
     uvicorn re-raises SIGTERM after its graceful shutdown, so the process dies "killed by signal"
@@ -94,7 +94,7 @@ class _Server(uvicorn.Server):
 
 def prepare(
     settings: ServerSettings, store: StateStore | None = None
-) -> tuple[_Server, socket.socket]:
+) -> tuple[BootstrapServer, socket.socket]:
     """Bind the socket and build the server, not yet serving: ``serve`` runs it; tests run it
     in a thread with a store of their own."""
     sock = bind_socket(settings.host, settings.port, settings.backlog)
@@ -128,7 +128,7 @@ def prepare(
         http=hot_path_protocol(app),
         proxy_headers=False,
     )
-    return _Server(config, settings.accept_limit), sock
+    return BootstrapServer(config, settings.accept_limit), sock
 
 
 def serve(settings: ServerSettings) -> None:
