@@ -44,9 +44,10 @@ clean:
 test-multihost: dev
 	$(BIN)/pytest -m netns -s
 
-# Benchmarks (issue 8): every phase, 3 runs each, table + JSON in bench/results/ (~15 min).
+# Benchmarks (issue 8): every phase, 3 runs each; the table goes into bench/README.md, the JSON
+# into bench/results/ (~6 min).
 bench: dev
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench --update-readme
 
 # Every phase at toy size in ~10 s: proves the suite works (0 errors), says nothing about speed.
 bench-smoke: dev

@@ -16,12 +16,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.phases import PHASES, PhaseResult, Plan, run_phase
-from bench.report import code_version, machine, rows, table, write_json
+from bench.report import (
+    code_version,
+    machine,
+    readme_block,
+    rows,
+    table,
+    update_readme,
+    write_json,
+)
 from bench.server import pin_load_generator, raise_fd_limit
 
 __all__ = ["main"]
 
 RESULTS = Path(__file__).parent / "results"
+README = Path(__file__).parent / "README.md"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rooms", type=int, help="room registrations in the memory phase (10^6)")
     parser.add_argument("--no-wrk", action="store_true", help="skip the wrk cross-check")
     parser.add_argument("--out", type=Path, help="JSON file to write (default bench/results/)")
+    parser.add_argument(
+        "--update-readme",
+        action="store_true",
+        help="write the table into bench/README.md (full runs only: every phase, no --smoke)",
+    )
     parser.add_argument(
         "--server-arg",
         action="append",
@@ -62,7 +76,10 @@ def _plan(args: argparse.Namespace) -> Plan:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.update_readme and (args.smoke or args.phase):
+        parser.error("--update-readme needs a full run: every phase, without --smoke")
     pinning = pin_load_generator()
     plan = dataclasses.replace(_plan(args), server_cpus=pinning.server_cpus)
     raise_fd_limit()
@@ -98,6 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or RESULTS / f"{'smoke' if args.smoke else 'bench'}-{stamp}.json"
     write_json(out, document)
     print(f"\nbench: wrote {out}")
+    if args.update_readme:
+        update_readme(README, readme_block(about, found))
+        print(f"bench: wrote the table into {README}")
     problems = sum(len(result.problems) for result in results.values())
     if problems:
         print(f"bench: {problems} correctness problems (see above)", file=sys.stderr)

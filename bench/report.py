@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib.metadata
 import os
 import platform
 import subprocess
@@ -22,7 +23,22 @@ import orjson
 from bench.phases import PhaseResult, Plan
 from bench.stats import Stat
 
-__all__ = ["Row", "code_version", "machine", "rows", "table", "write_json"]
+__all__ = [
+    "README_END",
+    "README_START",
+    "Row",
+    "code_version",
+    "machine",
+    "readme_block",
+    "rows",
+    "table",
+    "update_readme",
+    "write_json",
+]
+
+README_START = "<!-- bench:results:start (written by `make bench`; edits here are overwritten) -->"
+README_END = "<!-- bench:results:end -->"
+PACKAGES = ("uvicorn", "uvloop", "httptools", "fastapi", "pydantic", "orjson")
 
 
 @dataclass(frozen=True)
@@ -70,7 +86,15 @@ def machine(pinning: str) -> dict[str, Any]:
         "load_average_at_start": os.getloadavg(),
         **code_version(),
         "somaxconn": _read("/proc/sys/net/core/somaxconn"),
+        "packages": {name: _version(name) for name in PACKAGES},
     }
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def _read(path: str) -> str:
@@ -218,3 +242,33 @@ def table(found: list[Row]) -> str:
 def write_json(path: Path, document: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+
+
+def readme_block(about: dict[str, Any], found: list[Row]) -> str:
+    """The figures with what they were measured on, for bench/README.md."""
+    code = about["commit"] + (
+        " with uncommitted server changes" if about["working_tree_dirty"] else ""
+    )
+    packages = ", ".join(f"{name} {version}" for name, version in about["packages"].items())
+    start, end = about["load_average_at_start"], about["load_average_at_end"]
+    return "\n".join(
+        [
+            f"Run {about['date']} at commit {code}, {about['seconds']:.0f} s in all.",
+            f"Machine: {about['cpu']}, {about['cores']} cores, Linux {about['kernel']}, Python "
+            f"{about['python']}; {packages}; net.core.somaxconn {about['somaxconn']}; "
+            f"{about['pinning']}. Load average (1 min) {start[0]:.2f} at the start, "
+            f"{end[0]:.2f} at the end.",
+            "",
+            table(found),
+        ]
+    )
+
+
+def update_readme(path: Path, block: str) -> None:
+    """Replace what stands between the two markers; refuse a README without them."""
+    text = path.read_text()
+    head, start, rest = text.partition(README_START)
+    _, end, tail = rest.partition(README_END)
+    if not start or not end:
+        raise ValueError(f"{path} lacks the markers {README_START!r} ... {README_END!r}")
+    path.write_text(f"{head}{README_START}\n{block}\n{README_END}{tail}")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench.payloads import Topology, registration
+from bench.report import README_END, README_START, update_readme
 from tests.conftest import sglang_registration
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,3 +58,34 @@ def test_bench_smoke_runs_every_phase_without_errors(tmp_path: Path) -> None:
     for workload in ("route", "health", "dp_rank_pairs"):
         assert run[workload]["requests"] > 0
         assert run[workload]["errors"] == 0
+
+
+def test_the_results_table_replaces_only_what_stands_between_the_readme_markers(
+    tmp_path: Path,
+) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Benchmarks\nintro\n{README_START}\nold table\n{README_END}\nmethod\n")
+    update_readme(readme, "new table")
+    assert readme.read_text() == (
+        f"# Benchmarks\nintro\n{README_START}\nnew table\n{README_END}\nmethod\n"
+    )
+
+
+def test_a_readme_without_the_markers_is_left_alone(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("# Benchmarks\n")
+    with pytest.raises(ValueError, match="markers"):
+        update_readme(readme, "new table")
+    assert readme.read_text() == "# Benchmarks\n"
+
+
+def test_the_readme_is_only_rewritten_from_a_full_run() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--update-readme"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert "--update-readme needs a full run" in done.stderr
