@@ -67,7 +67,8 @@ class _HotPathProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        self._release_slot()
+        if self.slot is not None:  # checked here: this runs once per response
+            self._release_slot()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
