@@ -11,8 +11,9 @@ request pipelined behind it waits its turn as it would behind any cycle. Anythin
 (HTTP/1.0, ``Connection: close``, ``Expect``, pipelining, access logging) takes uvicorn's normal
 path, as does every other route.
 
-Each connection also holds the ``Slot`` the admission listener (``listener.py``) accepted it with,
-and gives it back once its first answer is written or it closes.
+Each connection also holds the ``Slot`` the admission listener (``listener.py``) accepted it with.
+It gives it back as soon as its first request turns out not to be a registration, else once that
+registration is answered, or when it closes.
 """
 
 from __future__ import annotations
@@ -86,6 +87,10 @@ class _HotPathProtocol(HttpToolsProtocol):
         self._hot_size = 0
 
     def on_headers_complete(self) -> None:
+        if self.slot is not None and self.parser.get_method() != b"PUT":
+            # Only registrations (the storm) keep their slot until answered: a read is answered
+            # at once anyway, and a long poll (?wait=) must not pace everyone queued behind it.
+            self._release_slot()
         if not self._take_hot_path():
             super().on_headers_complete()
 

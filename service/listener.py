@@ -7,8 +7,9 @@ new connections await their first answer; the rest wait in the listen backlog, a
 (the kernel completed their handshake), and are taken as answers go out. The storm is no slower:
 the server could not answer them sooner anyway.
 
-Only *new* connections are paced. A connection gives its slot back when its first response has
-been written or when it closes, and after ``slot_seconds`` (2 s) at the latest, so a client
+Only *new* connections are paced. A connection gives its slot back when its protocol says so
+(``hot_protocol.py``: once its first request is parsed, or for a registration once it is answered)
+or when it closes, and after ``slot_seconds`` (2 s) at the latest, so a client
 that connects and never sends cannot hold the door shut (measured: with a window of 2, a request
 queued behind 6 silent connections was answered after 6 s; with the default 256 it takes 256
 silent connections to delay anyone 2 s); kept-alive connections cost no slot.

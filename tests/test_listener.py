@@ -223,6 +223,17 @@ def test_a_kept_alive_connection_answered_by_the_server_frees_the_only_slot(
         assert _health_within(server, path, seconds=1) in (200, 503)
 
 
+def test_a_long_poll_does_not_hold_the_only_slot(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    server = server_factory("--accept-limit", "1", durable=False)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as polling:
+        polling.sendall(b"GET /prefill_port_table?wait=30 HTTP/1.1\r\nhost: x\r\n\r\n")
+        # The table stays empty, so the poll waits 30 s; were its slot held until then (or the
+        # 2 s slot timeout), this would time out first.
+        assert _health_within(server, "/health", seconds=1) == 200
+
+
 async def test_a_storm_far_larger_than_the_limit_registers_every_rank(
     server_factory: Callable[..., ServerProcess],
 ) -> None:
