@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from prefill_bootstrap.client.addresses import bootstrap_url, resolve_bootstrap_host
-from prefill_bootstrap.client.core import as_registration
+from prefill_bootstrap.client.core import DEFAULT_WAIT_TIMEOUT, as_registration
 from prefill_bootstrap.client.http import DEFAULT_TIMEOUT, BootstrapClient
 from prefill_bootstrap.client.lease import LeaseKeeper
 from prefill_bootstrap.client.port_sync import current_rank, sync_auth_token, sync_bootstrap_port
@@ -24,9 +24,6 @@ from prefill_bootstrap.client.protocol import RankRegistration, TableReport
 from prefill_bootstrap.client.retry import DEFAULT_RETRY, RetryPolicy
 
 __all__ = ["DEFAULT_WAIT_TIMEOUT", "bootstrap_prefill_rank"]
-
-DEFAULT_WAIT_TIMEOUT = 300.0
-"""Seconds to wait for the whole group: nodes finish loading weights minutes apart."""
 
 
 def bootstrap_prefill_rank(

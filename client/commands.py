@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import shutil
-import ssl
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from prefill_bootstrap.client.protocol import RankRegistration
 
 if TYPE_CHECKING:
     from prefill_bootstrap.client.http import BootstrapClient
+    from prefill_bootstrap.client.settings import ClientSettings
 
 # The HTTP client stack (httpx, tenacity) is imported by the commands that use it, not here:
 # ``prefill-bootstrap serve`` builds this parser too, and the server never needs that stack.
@@ -112,32 +112,32 @@ def _logging_to_stderr(args: argparse.Namespace) -> Iterator[None]:
         logger.setLevel(previous)
 
 
-def _client(args: argparse.Namespace) -> BootstrapClient:
-    from prefill_bootstrap.client.http import BootstrapClient, describe_invalid
+def _settings(args: argparse.Namespace) -> ClientSettings:
+    from prefill_bootstrap.client.http import describe_invalid
     from prefill_bootstrap.client.settings import ClientSettings
 
     fields = (
         "url", "auth_token", "cacert", "request_timeout_seconds", "retry_deadline_seconds",
-        "retry_attempts",
+        "retry_attempts", "wait_timeout_seconds",
     )  # fmt: skip
-    overrides = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
+    given = {name: getattr(args, name, None) for name in fields}
     try:
-        settings = ClientSettings(**overrides)
+        return ClientSettings(**{name: value for name, value in given.items() if value is not None})
     except ValidationError as exc:
         _usage(args, f"invalid option: {describe_invalid(exc)}")
-    verify: ssl.SSLContext | bool = True
-    if settings.cacert:
-        try:
-            verify = ssl.create_default_context(cafile=settings.cacert)
-        except (OSError, ssl.SSLError) as exc:
-            _usage(args, f"cannot use --cacert {settings.cacert}: {exc}")
+
+
+def _client(args: argparse.Namespace) -> BootstrapClient:
+    from prefill_bootstrap.client.http import BootstrapClient
+
+    settings = _settings(args)
     try:
         return BootstrapClient(
             settings.url,
             timeout=settings.request_timeout_seconds,
             retry=settings.retry,
             auth_token=settings.token,
-            verify=verify,
+            verify=settings.verify(),
         )
     except ConfigurationError as exc:
         _usage(args, str(exc))
@@ -177,15 +177,17 @@ def _run_register(args: argparse.Namespace) -> int:
 
 
 def _run_wait(args: argparse.Namespace) -> int:
+    timeout = _settings(args).wait_timeout_seconds
     with _client(args) as client, _logging_to_stderr(args):
-        report = client.wait_until_complete(args.timeout)
         if args.json:
-            print(report.model_dump_json(indent=2))
-        else:
-            print(
-                f"prefill port table at {client.base_url} is complete: "
-                f"{report.registered_cells} of {report.expected_cells} cells registered"
-            )
+            print(client.wait_until_complete(timeout).model_dump_json(indent=2))
+            return 0
+        ready = client.wait_until_ready(timeout)
+        what = "prefill port table" if ready.server == "prefill-bootstrap" else f"{ready.server}"
+        print(
+            f"{what} at {client.base_url} is complete: "
+            f"{ready.registered_cells} of {ready.expected_cells} cells registered"
+        )
     return 0
 
 
@@ -243,8 +245,17 @@ def _add_wait(commands: Any, options: argparse.ArgumentParser) -> None:
         help="wait until every cell is registered; exit 1 naming the missing cells",
         description="Long-poll the port table until it is complete.",
     )
-    wait.add_argument("--timeout", type=float, default=300.0, help="seconds (300)")
-    wait.add_argument("--json", action="store_true", help="print the final table as JSON")
+    wait.add_argument(
+        "--timeout",
+        dest="wait_timeout_seconds",
+        type=float,
+        help="seconds (300; PREFILL_BOOTSTRAP_WAIT_TIMEOUT_SECONDS)",
+    )
+    wait.add_argument(
+        "--json",
+        action="store_true",
+        help="print the final table as JSON (needs a prefill-bootstrap server)",
+    )
     wait.set_defaults(run=_run_wait, parser=wait)
 
 

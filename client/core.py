@@ -10,6 +10,8 @@ absorbs or a configuration error raised at once, always ``from`` the original.
 from __future__ import annotations
 
 import logging
+import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ from prefill_bootstrap.client.errors import (
     BootstrapError,
     CellNotFound,
     ConfigurationError,
+    PortTableUnavailable,
     RegistrationFailed,
     RequestRejected,
     ServerUnreachable,
@@ -49,11 +52,16 @@ from prefill_bootstrap.client.retry import (
 )
 
 __all__ = [
+    "BUILTIN_POLL_SECONDS",
+    "BUILTIN_SERVER",
     "DEFAULT_TIMEOUT",
+    "DEFAULT_WAIT_TIMEOUT",
     "LONG_POLL_SECONDS",
     "Call",
     "Core",
+    "Readiness",
     "Registration",
+    "ServerInfoProbe",
     "WaitPlan",
     "as_registration",
     "describe_invalid",
@@ -66,6 +74,13 @@ DEFAULT_TIMEOUT = 10.0
 LONG_POLL_SECONDS = 30.0
 """Longest single ``?wait=`` poll: short enough that a dead server is noticed, and below the
 idle timeouts of the proxies that sit in front of servers."""
+
+DEFAULT_WAIT_TIMEOUT = 300.0
+"""Seconds a rank waits for the whole group: nodes finish loading weights minutes apart."""
+BUILTIN_POLL_SECONDS = 1.0
+"""Pause between polls of a server that cannot long-poll (SGLang's built-in one)."""
+BUILTIN_SERVER = "SGLang's built-in bootstrap server"
+_REGISTERED_COUNT = re.compile(r"\((\d+) workers? registered\)")
 
 T = TypeVar("T")
 Registration = RankRegistration | Mapping[str, Any]
@@ -88,6 +103,41 @@ class Call(Generic[T]):
     json: Any = None
     registering: bool = False
     not_found: Callable[[], BootstrapError] | None = None
+    answers: frozenset[int] = frozenset()
+    """Statuses besides 2xx that ``read`` understands (a 503 that means "not yet")."""
+
+
+@dataclass(frozen=True)
+class ServerInfoProbe:
+    """One answer of ``GET /route`` with all ranks -1: the info once complete, else the count
+    of registrations the server reported (SGLang's 503 names it)."""
+
+    info: dict[str, Any] | None
+    registered: int | None
+
+    @property
+    def complete(self) -> bool:
+        return self.info is not None
+
+    @property
+    def expected_cells(self) -> int | None:
+        if self.info is None:
+            return None
+        sizes = ("dp_size", "attn_cp_size", "attn_tp_size", "pp_size")
+        try:
+            return math.prod(int(self.info[size]) for size in sizes)
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """What a waiting rank learns: the group is complete, and at which kind of server."""
+
+    url: str
+    server: str
+    expected_cells: int | None
+    registered_cells: int | None
 
 
 @dataclass
@@ -232,13 +282,29 @@ class Core:
             policy=policy or self.retry,
             timeout=httpx.Timeout(self.timeout, read=self.timeout + wait),
             params={"wait": f"{wait:.3f}"} if wait > 0 else None,
+            not_found=lambda: PortTableUnavailable(self.base_url + TABLE_PATH),
+        )
+
+    def server_info_probe_call(self, policy: RetryPolicy) -> Call[ServerInfoProbe]:
+        """The completeness check every SGLang bootstrap server answers: 200 with the info once
+        every cell is registered, 503 naming the count before."""
+        return Call(
+            "GET",
+            ROUTE_PATH,
+            action="ask whether the prefill group is complete",
+            noun="server-info request",
+            read=_server_info_probe,
+            policy=policy,
+            timeout=httpx.Timeout(self.timeout),
+            params=dict(SERVER_INFO_QUERY),
+            answers=frozenset({503}),
         )
 
     # -- answers and failures --------------------------------------------------------------------
 
     def respond(self, call: Call[T], response: httpx.Response) -> T:
         status = response.status_code
-        if 200 <= status < 300:
+        if 200 <= status < 300 or status in call.answers:
             try:
                 return call.read(response)
             except ValueError as exc:  # pydantic's ValidationError and JSON errors alike
@@ -364,6 +430,44 @@ class Core:
         )
         return report
 
+    def ready(self, report: TableReport) -> Readiness:
+        return Readiness(
+            self.base_url, "prefill-bootstrap", report.expected_cells, report.registered_cells
+        )
+
+    def waiting_for_builtin(self, probe: ServerInfoProbe, plan: WaitPlan) -> None:
+        log.info(
+            "%s is waiting for the prefill group at %s (%s): %s registered so far, %.0fs left.",
+            self.who,
+            self.base_url,
+            BUILTIN_SERVER,
+            probe.registered if probe.registered is not None else "an unknown number",
+            plan.remaining(),
+        )
+
+    def complete_at_builtin(self, probe: ServerInfoProbe, plan: WaitPlan) -> Readiness:
+        log.info(
+            "%s sees the prefill group at %s (%s) complete after %.1fs.",
+            self.who,
+            self.base_url,
+            BUILTIN_SERVER,
+            plan.elapsed(),
+        )
+        expected = probe.expected_cells
+        return Readiness(self.base_url, BUILTIN_SERVER, expected, expected)
+
+    def incomplete_at_builtin(
+        self, probe: ServerInfoProbe, plan: WaitPlan, expected_cells: int | None
+    ) -> TableIncomplete:
+        return TableIncomplete(
+            (),
+            expected_cells,
+            waited_seconds=plan.elapsed(),
+            url=self.base_url + ROUTE_PATH,
+            registered_count=probe.registered,
+            server=BUILTIN_SERVER,
+        )
+
     def incomplete(self, report: TableReport, plan: WaitPlan) -> TableIncomplete:
         return TableIncomplete(
             report.missing_cells,
@@ -391,6 +495,13 @@ def as_registration(registration: Registration) -> RankRegistration:
         return RankRegistration.model_validate(dict(registration))
     except ValidationError as exc:
         raise ConfigurationError(f"invalid registration: {describe_invalid(exc)}") from exc
+
+
+def _server_info_probe(response: httpx.Response) -> ServerInfoProbe:
+    if response.status_code == 200:
+        return ServerInfoProbe(_json_object(response), None)
+    found = _REGISTERED_COUNT.search(response.text)
+    return ServerInfoProbe(None, int(found.group(1)) if found else None)
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any]:

@@ -18,6 +18,7 @@ __all__ = [
     "LeaseNotHeld",
     "PortInUse",
     "PortSyncFailed",
+    "PortTableUnavailable",
     "ProtocolMismatch",
     "RegistrationFailed",
     "RequestRejected",
@@ -26,6 +27,7 @@ __all__ = [
     "TableIncomplete",
     "TopologyConflict",
     "UnexpectedAnswer",
+    "UnsupportedSGLang",
     "format_cell",
 ]
 
@@ -133,7 +135,11 @@ class LeaseNotHeld(BootstrapError):
 
 
 class TableIncomplete(BootstrapError):
-    """The port table is missing cells when it was required to be complete."""
+    """The port table is missing cells when it was required to be complete.
+
+    ``missing`` names the cells when the server lists them (ours does); SGLang's built-in server
+    only counts registrations, so then ``registered_count`` and ``server`` say what is known.
+    """
 
     def __init__(
         self,
@@ -142,14 +148,28 @@ class TableIncomplete(BootstrapError):
         registered_hosts: Sequence[str] = (),
         waited_seconds: float | None = None,
         url: str | None = None,
+        registered_count: int | None = None,
+        server: str | None = None,
     ) -> None:
         self.missing = [tuple(cell) for cell in missing]
         self.expected = expected
         self.registered_hosts = list(registered_hosts)
         self.waited_seconds = waited_seconds
         self.url = url
+        self.registered_count = registered_count
+        self.server = server
         where = f" at {url}" if url else ""
         waited = f" after {waited_seconds:.1f}s" if waited_seconds is not None else ""
+        if server is not None:
+            counted = "an unknown number" if registered_count is None else str(registered_count)
+            of = f" of {expected}" if expected is not None else ""
+            super().__init__(
+                f"prefill group{where} is incomplete{waited}: {counted}{of} cells registered; "
+                f"{server} does not say which cells are missing (run prefill-bootstrap serve as "
+                "the bootstrap server to have them named). Check that every prefill rank started "
+                "and reaches the leader's bootstrap port"
+            )
+            return
         if expected is None:
             what = "no rank has registered yet, so the topology is unknown"
         else:
@@ -230,6 +250,32 @@ class PortSyncFailed(BootstrapError):
             f"{who} could not receive the leader's bootstrap port over torch.distributed "
             f"({backend}): {cause}; every rank of the group must call sync_bootstrap_port at the "
             "same point of start-up — check that no rank exited or skipped it"
+        )
+
+
+class UnsupportedSGLang(ConfigurationError):
+    """The SGLang plugin was enabled on a release whose registration path it does not know."""
+
+    def __init__(self, release: str, missing: str) -> None:
+        self.release = release
+        self.missing = missing
+        super().__init__(
+            f"prefill-bootstrap's SGLang plugin cannot run on SGLang {release}: {missing}. No hook "
+            "was applied, so this engine registers the stock way; unset PREFILL_BOOTSTRAP_SGLANG, "
+            "or use a supported release (0.5.11 or later)"
+        )
+
+
+class PortTableUnavailable(BootstrapError):
+    """The server has no ``/prefill_port_table``: SGLang's built-in bootstrap server (or another
+    server that only speaks SGLang's protocol). Waiting still works there, by polling."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        super().__init__(
+            f"{url} does not exist (HTTP 404): the server speaks only SGLang's bootstrap protocol "
+            "(SGLang's built-in server?), so it cannot list cells; wait_until_ready and "
+            "`prefill-bootstrap wait` still work against it"
         )
 
 

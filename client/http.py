@@ -14,14 +14,17 @@ from typing import Any, TypeVar
 import httpx
 
 from prefill_bootstrap.client.core import (
+    BUILTIN_POLL_SECONDS,
     DEFAULT_TIMEOUT,
     LONG_POLL_SECONDS,
     Call,
     Core,
+    Readiness,
     Registration,
     WaitPlan,
     describe_invalid,
 )
+from prefill_bootstrap.client.errors import PortTableUnavailable
 from prefill_bootstrap.client.protocol import Cell, RankAddress, TableReport
 from prefill_bootstrap.client.retry import DEFAULT_RETRY, RetryPolicy
 
@@ -30,6 +33,7 @@ __all__ = [
     "LONG_POLL_SECONDS",
     "AsyncBootstrapClient",
     "BootstrapClient",
+    "Readiness",
     "describe_invalid",
 ]
 
@@ -120,7 +124,21 @@ class BootstrapClient:
     def wait_until_complete(self, timeout: float, *, poll_interval: float = 0.5) -> TableReport:
         """Long-poll until every cell is registered; ``TableIncomplete`` names the missing cells
         and the hosts that did register if ``timeout`` seconds pass first."""
+        return self._wait_for_table(WaitPlan(timeout), poll_interval)
+
+    def wait_until_ready(
+        self, timeout: float, *, expected_cells: int | None = None, poll_interval: float = 0.5
+    ) -> Readiness:
+        """Wait until every cell is registered, at our server or at SGLang's built-in one (which
+        has no table: it is polled for its server info). ``expected_cells``, when the caller
+        knows the group's size, lets the error name it where the server does not."""
         plan = WaitPlan(timeout)
+        try:
+            return self._core.ready(self._wait_for_table(plan, poll_interval))
+        except PortTableUnavailable:
+            return self._wait_for_builtin(plan, expected_cells)
+
+    def _wait_for_table(self, plan: WaitPlan, poll_interval: float) -> TableReport:
         while True:
             poll = plan.next_poll()
             poll_started = time.monotonic()
@@ -132,6 +150,17 @@ class BootstrapClient:
                 raise self._core.incomplete(report, plan)
             self._core.waiting(report, plan)
             time.sleep(plan.pause_after(poll_started, poll, poll_interval))
+
+    def _wait_for_builtin(self, plan: WaitPlan, expected_cells: int | None) -> Readiness:
+        while True:
+            call = self._core.server_info_probe_call(self._core.retry.within(plan.remaining()))
+            probe = self._run(call)
+            if probe.complete:
+                return self._core.complete_at_builtin(probe, plan)
+            if plan.remaining() <= 0:
+                raise self._core.incomplete_at_builtin(probe, plan, expected_cells)
+            self._core.waiting_for_builtin(probe, plan)
+            time.sleep(min(BUILTIN_POLL_SECONDS, plan.remaining()))
 
 
 class AsyncBootstrapClient:
@@ -205,7 +234,18 @@ class AsyncBootstrapClient:
     async def wait_until_complete(
         self, timeout: float, *, poll_interval: float = 0.5
     ) -> TableReport:
+        return await self._wait_for_table(WaitPlan(timeout), poll_interval)
+
+    async def wait_until_ready(
+        self, timeout: float, *, expected_cells: int | None = None, poll_interval: float = 0.5
+    ) -> Readiness:
         plan = WaitPlan(timeout)
+        try:
+            return self._core.ready(await self._wait_for_table(plan, poll_interval))
+        except PortTableUnavailable:
+            return await self._wait_for_builtin(plan, expected_cells)
+
+    async def _wait_for_table(self, plan: WaitPlan, poll_interval: float) -> TableReport:
         while True:
             poll = plan.next_poll()
             poll_started = time.monotonic()
@@ -217,3 +257,14 @@ class AsyncBootstrapClient:
                 raise self._core.incomplete(report, plan)
             self._core.waiting(report, plan)
             await asyncio.sleep(plan.pause_after(poll_started, poll, poll_interval))
+
+    async def _wait_for_builtin(self, plan: WaitPlan, expected_cells: int | None) -> Readiness:
+        while True:
+            call = self._core.server_info_probe_call(self._core.retry.within(plan.remaining()))
+            probe = await self._run(call)
+            if probe.complete:
+                return self._core.complete_at_builtin(probe, plan)
+            if plan.remaining() <= 0:
+                raise self._core.incomplete_at_builtin(probe, plan, expected_cells)
+            self._core.waiting_for_builtin(probe, plan)
+            await asyncio.sleep(min(BUILTIN_POLL_SECONDS, plan.remaining()))

@@ -7,13 +7,15 @@ environment agree without repeating the secret on command lines.
 
 from __future__ import annotations
 
+import ssl
 from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from prefill_bootstrap.client.auth import AUTH_TOKEN_VARIABLES, blank_is_none
-from prefill_bootstrap.client.http import DEFAULT_TIMEOUT
+from prefill_bootstrap.client.core import DEFAULT_TIMEOUT, DEFAULT_WAIT_TIMEOUT
+from prefill_bootstrap.client.errors import ConfigurationError
 from prefill_bootstrap.client.protocol import DEFAULT_PORT
 from prefill_bootstrap.client.retry import DEFAULT_RETRY, RetryPolicy
 
@@ -38,12 +40,24 @@ class ClientSettings(BaseSettings):
     request_timeout_seconds: Annotated[float, Field(gt=0)] = DEFAULT_TIMEOUT
     retry_deadline_seconds: Annotated[float, Field(ge=0)] = DEFAULT_RETRY.deadline
     retry_attempts: Annotated[int, Field(ge=1)] = DEFAULT_RETRY.attempts
+    wait_timeout_seconds: Annotated[float, Field(ge=0)] = Field(
+        DEFAULT_WAIT_TIMEOUT, description="how long a rank waits for the whole group"
+    )
 
     _blank_token_is_none = field_validator("auth_token", mode="before")(blank_is_none)
 
     @property
     def token(self) -> str | None:
         return self.auth_token.get_secret_value() if self.auth_token else None
+
+    def verify(self) -> ssl.SSLContext | bool:
+        """What httpx checks the server's certificate against: ``cacert``, else the system's."""
+        if not self.cacert:
+            return True
+        try:
+            return ssl.create_default_context(cafile=self.cacert)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigurationError(f"cannot use the CA bundle {self.cacert}: {exc}") from exc
 
     @property
     def retry(self) -> RetryPolicy:

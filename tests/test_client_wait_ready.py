@@ -1,0 +1,110 @@
+"""``wait_until_ready``: the completeness wait a rank runs, at our server or at SGLang's own.
+
+Our server is the real app in memory. SGLang's built-in server is scripted here with the answers
+its code gives (no ``/prefill_port_table``: aiohttp's 404; ``GET /route`` with all ranks -1: 503
+"(N workers registered)" until complete, then the server info); tests/test_sglang_plugin.py runs
+the same wait against the real SGLang class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from prefill_bootstrap.client.core import BUILTIN_SERVER
+from prefill_bootstrap.client.errors import PortTableUnavailable, TableIncomplete
+from prefill_bootstrap.client.http import AsyncBootstrapClient, BootstrapClient
+from prefill_bootstrap.client.retry import RetryPolicy
+from tests.conftest import sglang_registration
+
+URL = "http://bootstrap:8998"
+FAST = RetryPolicy(deadline=0.5, attempts=3, initial_backoff=0.01, max_backoff=0.05, jitter=0.0)
+INFO = {
+    "attn_tp_size": 2,
+    "attn_cp_size": 1,
+    "dp_size": 2,
+    "pp_size": 1,
+    "page_size": 16,
+    "kv_cache_dtype": "auto",
+    "follow_bootstrap_room": True,
+}
+
+
+def builtin_server(registered_after: list[int], expected: int = 4) -> httpx.MockTransport:
+    """SGLang's built-in server whose count of registrations grows poll by poll."""
+    counts = iter(registered_after)
+    last = [0]
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path != "/route":
+            return httpx.Response(404, text="404: Not Found")
+        last[0] = next(counts, last[0])
+        if last[0] >= expected:
+            return httpx.Response(200, json=INFO)
+        return httpx.Response(
+            503, text=f"Prefill server not fully registered yet ({last[0]} workers registered)."
+        )
+
+    return httpx.MockTransport(answer)
+
+
+def test_at_our_server_the_wait_answers_once_every_cell_is_registered(
+    app_factory: Callable[..., Any], blocking_transport: Callable[[Any], httpx.BaseTransport]
+) -> None:
+    client = BootstrapClient(URL, transport=blocking_transport(app_factory()), retry=FAST)
+    for tp in (0, 1):
+        client.register(sglang_registration(attn_tp_rank=tp, rank_port=41000 + tp))
+    ready = client.wait_until_ready(2.0)
+    assert (ready.server, ready.expected_cells, ready.registered_cells) == (
+        "prefill-bootstrap",
+        2,
+        2,
+    )
+
+
+def test_at_our_server_an_incomplete_group_names_the_missing_cell(
+    app_factory: Callable[..., Any], blocking_transport: Callable[[Any], httpx.BaseTransport]
+) -> None:
+    client = BootstrapClient(URL, transport=blocking_transport(app_factory()), retry=FAST)
+    client.register(sglang_registration(attn_tp_rank=0))
+    with pytest.raises(TableIncomplete) as caught:
+        client.wait_until_ready(0.2)
+    assert caught.value.missing == [(0, 0, 1, 0)]
+
+
+def test_at_sglangs_server_the_wait_polls_the_server_info_until_it_answers() -> None:
+    client = BootstrapClient(URL, transport=builtin_server([1, 3, 4]), retry=FAST)
+    ready = client.wait_until_ready(10.0)
+    assert (ready.server, ready.expected_cells) == (BUILTIN_SERVER, 4)
+
+
+def test_at_sglangs_server_an_incomplete_group_says_how_many_registered_of_how_many() -> None:
+    client = BootstrapClient(URL, transport=builtin_server([3]), retry=FAST)
+    with pytest.raises(TableIncomplete) as caught:
+        client.wait_until_ready(0.3, expected_cells=4)
+    error = caught.value
+    assert (error.registered_count, error.expected, error.missing) == (3, 4, [])
+    assert f"3 of 4 cells registered; {BUILTIN_SERVER} does not say which" in str(error)
+
+
+def test_the_table_of_a_server_without_one_is_a_clear_error_not_a_retry() -> None:
+    client = BootstrapClient(URL, transport=builtin_server([0]), retry=FAST)
+    with pytest.raises(PortTableUnavailable, match="speaks only SGLang's bootstrap protocol"):
+        client.table()
+
+
+@pytest.mark.anyio
+async def test_the_async_client_waits_at_sglangs_server_the_same_way() -> None:
+    transport = builtin_server([2, 4])
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        return transport.handle_request(request)
+
+    async with AsyncBootstrapClient(
+        URL, transport=httpx.MockTransport(answer), retry=FAST
+    ) as client:
+        ready = await client.wait_until_ready(10.0)
+    assert ready.server == BUILTIN_SERVER
