@@ -6,7 +6,11 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 TORCH   = torch==2.13.0
 
-.PHONY: serve test lint format system-deps venv dev clean test-multihost bench bench-smoke bench-profile
+# The SGLang releases `make test` runs for real (each has its pinned requirements in
+# tests/sglang/); 0.5.12 is supported too: make test SGLANG_RELEASES="0.5.11 0.5.12 0.5.23".
+SGLANG_RELEASES ?= 0.5.11 0.5.23
+
+.PHONY: serve test lint format system-deps venv dev clean test-multihost bench bench-smoke bench-profile sglang-envs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +34,16 @@ lint: dev
 	$(BIN)/ruff format --check .
 
 # The whole suite: lint, unit, API, real servers, multi-process torch.distributed, multi-host.
-test: lint
-	$(BIN)/pytest
+test: lint sglang-envs
+	TEST_SGLANG_RELEASES="$(SGLANG_RELEASES)" $(BIN)/pytest
+
+# One virtualenv per SGLang release in .cache/sglang-envs/ (CPU torch, real SGLang, this repo
+# editable), built side by side the first time (~9 min), then checked against their stamps in
+# well under a second.
+sglang-envs:
+	@pids=""; for release in $(SGLANG_RELEASES); do \
+	  bash scripts/sglang-test-env.sh $$release & pids="$$pids $$!"; \
+	done; failed=0; for pid in $$pids; do wait $$pid || failed=1; done; exit $$failed
 
 format: $(BIN)/python
 	$(BIN)/ruff format .
