@@ -16,7 +16,7 @@ from prefill_bootstrap.client.sglang_release import InlineSend, SplitSend, detec
 SENT_FOR_REAL: list[Any] = []
 
 
-class requests:  # noqa: N801 - what an inline release's module calls ``requests``
+class requests:
     @staticmethod
     def put(url: str, json: Any = None, timeout: float = 0) -> Any:
         SENT_FOR_REAL.append((url, json))
