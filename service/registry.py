@@ -70,9 +70,11 @@ class Registry:
     # -- changes -------------------------------------------------------------------------------
 
     async def register(self, registration: RankRegistration, protocol: str = "3") -> Registered:
-        """Apply in memory, then wait until the change is durable before acknowledging."""
+        """Plan the change, make it durable, and only then serve it: a registration answered
+        503 never reaches a decode, and a restart finds exactly what was acknowledged."""
+        now = self.clock()
         try:
-            done = self.table.register(registration, self.clock(), protocol)
+            planned = self.table.plan(registration, now, protocol)
         except TopologyConflict as conflict:
             self.metrics.registrations["conflict"] += 1
             log.warning(
@@ -81,16 +83,23 @@ class Registry:
                 format_cell(registration.cell),
                 conflict,
             )
-            await self._persist([self.table.conflicts[-1]])
+            record = self.table.conflict_of(conflict, registration, now)
+            await self._persist([record])
+            self.table.record_conflict(record)
             self._notify()
             raise
         changes: list[Change] = []
-        if done.topology_changed:
-            changes.append(done.topology)
-        if done.outcome is Outcome.REPLACED:
-            changes.append(self.table.replacements[-1])
-        changes.append(done.record)
-        await self._persist(changes)
+        if planned.topology_changed:
+            changes.append(planned.topology)
+        if planned.replacement is not None:
+            changes.append(planned.replacement)
+        changes.append(planned.record)
+        try:
+            await self._persist(changes)
+        except BaseException:
+            self.table.abandon(planned)
+            raise
+        done = self.table.commit(planned)
         self.metrics.registrations[done.outcome.value] += 1
         self._notify()
         self._log_registration(done)

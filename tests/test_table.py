@@ -264,3 +264,28 @@ def test_a_snapshot_restores_an_equal_table() -> None:
     restored = PortTable.restore(table.snapshot())
     assert restored.snapshot() == table.snapshot()
     assert restored.is_complete
+
+
+def test_a_planned_registration_is_served_only_once_committed() -> None:
+    table = PortTable()
+    planned = table.plan(rank(attn_tp_rank=0), now=1.0)
+    assert table.topology is None and table.registered_count == 0
+    assert table.in_flight == 1
+    done = table.commit(planned)
+    assert done.topology_changed and table.lookup(Cell(0, 0, 0, 0)) == done.record
+    assert table.in_flight == 0
+
+
+def test_an_abandoned_plan_leaves_nothing_behind() -> None:
+    table = PortTable()
+    table.abandon(table.plan(rank(attn_tp_rank=0), now=1.0))
+    assert table.topology is None and table.registered_count == 0 and table.in_flight == 0
+    again = table.plan(rank(attn_tp_rank=0), now=2.0)
+    assert again.topology_changed and again.outcome is Outcome.NEW
+
+
+def test_a_plan_in_flight_establishes_the_topology_for_the_plans_behind_it() -> None:
+    table = PortTable()
+    table.plan(rank(attn_tp_size=2, attn_tp_rank=0), now=1.0)
+    with pytest.raises(TopologyConflict):
+        table.plan(rank(attn_tp_size=4, attn_tp_rank=1), now=1.0)
