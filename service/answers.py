@@ -37,6 +37,7 @@ from prefill_bootstrap.client.protocol import (
     Cell,
     RankRegistration,
 )
+from prefill_bootstrap.service.bounds import extra_problem
 from prefill_bootstrap.service.registry import Registry
 from prefill_bootstrap.service.replies import (
     TEXT,
@@ -249,11 +250,16 @@ def parse_registration(
     if pinned != "auto" and not generation.startswith(pinned):
         return reply_for(ProtocolMismatch(pinned, generation))
     try:
-        return to_current(data, generation), generation
+        registration = to_current(data, generation)
     except ValidationError as exc:
         return validation_reply(
             [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
         )
+    if registration is not None:
+        beyond = extra_problem(registration)
+        if beyond is not None:
+            return _invalid(*beyond)
+    return registration, generation
 
 
 async def register(registry: Registry, body: bytes) -> Reply:

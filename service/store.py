@@ -387,10 +387,28 @@ class GroupCommitWriter:
                 return
 
     def _commit(self, pending: list[tuple[Sequence[Change], _Waiter]]) -> None:
-        failure: Exception | None = None
+        failure = self._write([change for changes, _ in pending for change in changes])
+        if failure is not None and len(pending) > 1:
+            # One request's change must never fail the others: write each on its own. (A full
+            # disk fails them all again, fast; a change the store cannot take fails alone.)
+            outcomes = [(waiter, self._write(changes)) for changes, waiter in pending]
+        else:
+            outcomes = [(waiter, failure) for _, waiter in pending]
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], _Failure]]] = {}
+        for waiter, outcome in outcomes:
+            if isinstance(waiter, asyncio.Future):
+                by_loop.setdefault(waiter.get_loop(), []).append((waiter, outcome))
+            elif outcome is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(outcome)
+        for loop, futures in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(_resolve, futures)
+
+    def _write(self, changes: Sequence[Change]) -> StateStoreError | None:
         try:
-            self.store.write([change for changes, _ in pending for change in changes])
-            self.commits += 1
+            self.store.write(changes)
         except Exception as exc:  # surfaced to every waiting request, never swallowed
             failure = (
                 exc
@@ -398,25 +416,20 @@ class GroupCommitWriter:
                 else StateStoreError(f"cannot write the state ({type(exc).__name__}: {exc})")
             )
             failure.__cause__ = exc if failure is not exc else exc.__cause__
-        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
-        for _, waiter in pending:
-            if isinstance(waiter, asyncio.Future):
-                by_loop.setdefault(waiter.get_loop(), []).append(waiter)
-            elif failure is None:
-                waiter.set_result(None)
-            else:
-                waiter.set_exception(failure)
-        for loop, futures in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
-                loop.call_soon_threadsafe(_resolve, futures, failure)
+            return failure
+        self.commits += 1
+        return None
 
 
 _Waiter = Future[None] | asyncio.Future[None]
 
 
-def _resolve(futures: list[asyncio.Future[None]], failure: Exception | None) -> None:
+_Failure = StateStoreError | None
+
+
+def _resolve(futures: list[tuple[asyncio.Future[None], _Failure]]) -> None:
     """On the waiting loop: settle every future of one commit."""
-    for future in futures:
+    for future, failure in futures:
         if future.done():  # the request was cancelled (client gone) meanwhile
             continue
         if failure is None:

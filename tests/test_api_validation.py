@@ -3,6 +3,7 @@ the table."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -12,6 +13,14 @@ import pytest
 from tests.conftest import cell_query, info_query, sglang_registration
 
 pytestmark = pytest.mark.anyio
+
+
+def nested(depth: int) -> list[Any]:
+    """``[[[...]]]``: lists nested ``depth`` levels deep."""
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
 
 
 def without(field: str) -> dict[str, Any]:
@@ -45,6 +54,21 @@ BAD_REGISTRATIONS: list[tuple[str, Any, int, str]] = [
     ("null body", None, 422, "body"),
     ("policy not a string", sglang_registration(decode_allocation_policy=3), 422, "decode"),
     ("http port too high", sglang_registration(prefill_http_port=70000), 422, "prefill_http"),
+    ("unknown field nested 300 deep", sglang_registration(x=nested(300)), 422, "body.x"),
+    ("unknown field nested 33 deep", sglang_registration(x=nested(33)), 422, "body.x"),
+    ("unknown field of 17 KiB", sglang_registration(big="y" * 17_000), 422, "body.big"),
+    (
+        "unknown fields of 80 KiB together",
+        sglang_registration(**{f"f{i}": "y" * 10_000 for i in range(8)}),
+        422,
+        "body.f6",
+    ),
+    (
+        "layout nested 40 deep",
+        sglang_registration(dsv41_spec_layout={"a": nested(40)}),
+        422,
+        "body.dsv41_spec_layout",
+    ),
 ]
 
 
@@ -57,7 +81,7 @@ async def test_a_bad_registration_is_refused_with_a_json_error_naming_the_field(
     api: httpx.AsyncClient, body: Any, status: int, named: str
 ) -> None:
     before = (await api.get("/prefill_port_table")).json()
-    response = await api.put("/route", content=orjson.dumps(body))
+    response = await api.put("/route", content=json.dumps(body))  # orjson stops at 254 levels
     assert response.status_code == status
     error = response.json()
     assert error["error"] == "validation_error"
@@ -182,3 +206,25 @@ async def test_a_bad_wait_parameter_is_422(api: httpx.AsyncClient, wait: str) ->
     response = await api.get("/prefill_port_table", params={"wait": wait})
     assert response.status_code == 422
     assert "wait" in response.json()["message"]
+
+
+async def test_unknown_fields_within_their_bounds_are_kept_stored_and_shown(
+    api: httpx.AsyncClient,
+) -> None:
+    extra = {"x": nested(32), "note": "n" * 15_000}
+    assert (await api.put("/route", json=sglang_registration(**extra))).status_code == 200
+    report = await api.get("/prefill_port_table")
+    assert report.status_code == 200
+    assert report.json()["cells"][0]["extra"] == extra
+
+
+async def test_a_deeply_nested_unknown_field_does_not_poison_the_table(
+    api: httpx.AsyncClient,
+) -> None:
+    poisoned = sglang_registration(attn_tp_rank=1, rank_port=41001, x=nested(300))
+    assert (await api.put("/route", json=poisoned)).status_code == 422
+    for tp in (0, 1):
+        body = sglang_registration(attn_tp_rank=tp, rank_port=41000 + tp)
+        assert (await api.put("/route", json=body)).status_code == 200
+    assert (await api.get("/prefill_port_table")).status_code == 200
+    assert (await api.get("/ready")).status_code == 200
