@@ -293,7 +293,8 @@ class TableReport(BaseModel):
     topology: TopologyReport | None
     expected_cells: int | None
     registered_cells: int
-    missing_cells: list[Cell]
+    missing_cells: list[Cell] = Field(description="the first 1000 missing cells, in cell order")
+    missing_count: int = Field(0, description="how many cells are missing in all")
     expired_cells: list[Cell] = Field(default_factory=list)
     rows: list[RowReport]
     cells: list[CellReport]

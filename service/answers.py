@@ -262,6 +262,34 @@ def parse_registration(
     return registration, generation
 
 
+def _group_too_big(registration: RankRegistration, cap: int) -> Reply | None:
+    """Each size is bounded on its own; their product, the cells the table must hold and
+    report, is bounded here (``--max-cells``)."""
+    dp_name = "attn_dp_size" if registration.system_dp_size == 1 else "system_dp_size"
+    sizes = {
+        dp_name: registration.dp_size,
+        "attn_cp_size": registration.attn_cp_size,
+        "attn_tp_size": registration.attn_tp_size,
+        "pp_size": registration.pp_size,
+    }
+    cells = 1
+    for size in sizes.values():
+        cells *= size
+    if cells <= cap:
+        return None
+    product = " x ".join(f"{name}={size}" for name, size in sizes.items())
+    problem = (
+        f"{product} makes a group of {cells} cells, more than the server's cap of {cap} "
+        "(--max-cells / PREFILL_BOOTSTRAP_MAX_CELLS)"
+    )
+    return error_reply(
+        422,
+        "validation_error",
+        f"body: {problem}",
+        [{"loc": ["body", name], "msg": problem, "type": "too_many_cells"} for name in sizes],
+    )
+
+
 async def register(registry: Registry, body: bytes) -> Reply:
     """``PUT /route``: 200 ``OK`` once the registration is durable, else the error reply."""
     parsed = parse_registration(body, registry.settings.protocol)
@@ -270,6 +298,9 @@ async def register(registry: Registry, body: bytes) -> Reply:
     registration, generation = parsed
     if registration is None:
         return OK
+    too_big = _group_too_big(registration, registry.settings.max_cells)
+    if too_big is not None:
+        return too_big
     try:
         await registry.register(registration, generation)
     except (TopologyConflict, StateStoreError) as exc:

@@ -81,7 +81,7 @@ class _RegistryCollector(Collector):
             ("registered_cells", "Distinct cells registered, expired leases included.",
              table.registered_count),
             ("missing_cells", "Cells not registered or whose lease expired.",
-             len(table.missing_cells())),
+             table.missing_count),
             ("expired_cells", "Registered cells whose lease expired.",
              len(table.expired_cells())),
             ("ready", "1 when every expected cell is registered and live.",

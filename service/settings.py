@@ -59,6 +59,11 @@ class ServerSettings(BaseSettings):
         description="most new connections taken at once (accepted, not yet answered); the rest "
         "wait in the listen backlog, which keeps a start-up storm's memory bounded",
     )
+    max_cells: Annotated[int, Field(ge=1, le=1 << 24)] = Field(
+        16384,
+        description="most cells a group may have (dp x cp x tp x pp); a registration of a "
+        "larger group is refused with 422. Real groups have tens to a few thousand cells",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = Field(
         "text", description="'json' writes one JSON object per log line"

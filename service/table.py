@@ -272,6 +272,9 @@ class PortTable:
         self.version = 0
         self._renewed_at: dict[Cell, float] = {}
         self._expired: set[Cell] = set()
+        self._live = bytearray()
+        """One byte per expected cell, in ``Topology.cells()`` order: 1 when registered and
+        live. Missing cells are found by the C-speed ``bytearray.find``, not a Python scan."""
         self._pending_topology: Topology | None = None
         self._pending_cells: dict[Cell, CellRecord] = {}
         self._in_flight = 0
@@ -353,6 +356,8 @@ class PortTable:
         cell, record = planned.record.cell, planned.record
         was_complete = self.is_complete
         topology_changed = planned.topology != self.topology
+        if self.topology is None:
+            self._live = bytearray(planned.topology.expected_cells)
         self.topology = planned.topology
         self._cells[cell] = record
         if planned.replacement is not None:
@@ -374,6 +379,10 @@ class PortTable:
             self._expired.discard(cell)
         else:
             self._expired.add(cell)
+        topology = self.topology
+        if topology is not None:
+            index = (cell.dp * topology.attn_cp_size + cell.cp) * topology.attn_tp_size + cell.tp
+            self._live[index * topology.pp_size + cell.pp] = live
 
     def abandon(self, planned: Registered) -> None:
         """Forget a plan that could not be made durable: nothing of it is ever served."""
@@ -419,7 +428,7 @@ class PortTable:
             return None
         self._renewed_at[cell] = now
         if cell in self._expired:
-            self._expired.discard(cell)
+            self._set_live(cell, True)
             self.version += 1
         return now + record.lease_seconds
 
@@ -431,8 +440,9 @@ class PortTable:
             if cell not in self._expired
             and renewed_at + (self._cells[cell].lease_seconds or 0) <= now
         ]
+        for cell in newly:
+            self._set_live(cell, False)
         if newly:
-            self._expired.update(newly)
             self.version += 1
         return newly
 
@@ -478,15 +488,28 @@ class PortTable:
     def records(self) -> list[CellRecord]:
         return sorted(self._cells.values(), key=lambda record: record.cell)
 
-    def missing_cells(self) -> list[Cell]:
-        """Cells nobody registered, and cells whose lease expired: both keep the table unready."""
-        if self.topology is None:
+    @property
+    def missing_count(self) -> int:
+        """Cells not registered or whose lease expired (0 before the first registration)."""
+        expected = self.expected_count
+        return 0 if expected is None else expected - self.live_count
+
+    def missing_cells(self, limit: int | None = None) -> list[Cell]:
+        """Cells nobody registered, and cells whose lease expired: both keep the table unready.
+        The first ``limit`` of them in cell order (all when None)."""
+        topology = self.topology
+        if topology is None:
             return []
-        return [
-            cell
-            for cell in self.topology.cells()
-            if cell not in self._cells or cell in self._expired
-        ]
+        cp, tp, pp = topology.attn_cp_size, topology.attn_tp_size, topology.pp_size
+        found: list[Cell] = []
+        index = self._live.find(0)
+        while index >= 0 and (limit is None or len(found) < limit):
+            rest, pp_rank = divmod(index, pp)
+            rest, tp_rank = divmod(rest, tp)
+            dp_rank, cp_rank = divmod(rest, cp)
+            found.append(Cell(dp_rank, cp_rank, tp_rank, pp_rank))
+            index = self._live.find(0, index + 1)
+        return found
 
     def expired_cells(self) -> list[Cell]:
         return sorted(self._expired)
@@ -523,6 +546,10 @@ class PortTable:
         table._renewed_at = {
             record.cell: now for record in snapshot.cells if record.lease_seconds is not None
         }
+        if snapshot.topology is not None:
+            table._live = bytearray(snapshot.topology.expected_cells)
+            for record in snapshot.cells:
+                table._set_live(record.cell, True)
         table.replacements.extend(snapshot.replacements)
         table.conflicts.extend(snapshot.conflicts)
         table.version = 1 if snapshot.topology or snapshot.cells else 0

@@ -10,7 +10,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import cell_query, info_query, sglang_registration
+from tests.conftest import asgi_client, cell_query, info_query, sglang_registration
 
 pytestmark = pytest.mark.anyio
 
@@ -228,3 +228,41 @@ async def test_a_deeply_nested_unknown_field_does_not_poison_the_table(
         assert (await api.put("/route", json=body)).status_code == 200
     assert (await api.get("/prefill_port_table")).status_code == 200
     assert (await api.get("/ready")).status_code == 200
+
+
+async def test_a_group_past_the_cell_cap_is_422_naming_the_sizes_and_the_cap(
+    api: httpx.AsyncClient,
+) -> None:
+    body = sglang_registration(attn_dp_size=1024, attn_tp_size=1024, pp_size=1024)
+    response = await api.put("/route", json=body)
+    assert response.status_code == 422
+    message = response.json()["message"]
+    for named in ("attn_dp_size=1024", "attn_tp_size=1024", "pp_size=1024", "16384"):
+        assert named in message
+    assert "--max-cells" in message
+    assert (await api.get("/prefill_port_table")).json()["topology"] is None
+
+
+async def test_the_cell_cap_is_configurable_and_inclusive(app_factory: Any) -> None:
+    app = app_factory(max_cells=8)
+    async with asgi_client(app) as client:
+        at_cap = await client.put("/route", json=sglang_registration(attn_tp_size=8))
+        assert at_cap.status_code == 200
+    app = app_factory(max_cells=7)
+    async with asgi_client(app) as client:
+        past = await client.put("/route", json=sglang_registration(attn_tp_size=8))
+        assert past.status_code == 422
+
+
+async def test_answers_about_the_largest_group_list_a_bounded_number_of_missing_cells(
+    api: httpx.AsyncClient,
+) -> None:
+    body = sglang_registration(attn_tp_size=16384, attn_tp_rank=16383)
+    assert (await api.put("/route", json=body)).status_code == 200
+    for path in ("/ready", "/prefill_port_table"):
+        report = (await api.get(path)).json()
+        assert len(report["missing_cells"]) == 1000
+        assert report["missing_cells"][:2] == [[0, 0, 0, 0], [0, 0, 1, 0]]
+        assert report["missing_count"] == 16383
+    metrics = (await api.get("/metrics")).text
+    assert "prefill_bootstrap_missing_cells 16383.0" in metrics
