@@ -44,6 +44,14 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument(
         "--max-cells", type=int, help="most cells a group may have, dp x cp x tp x pp (16384)"
     )
+    serve.add_argument(
+        "--max-header-bytes", type=int, help="request line + headers cap, else 431 (65536)"
+    )
+    serve.add_argument(
+        "--header-timeout",
+        type=float,
+        help="seconds to finish a request's headers before the connection is closed (10)",
+    )
     serve.add_argument("--backlog", type=int, help="listen backlog (4096)")
     serve.add_argument(
         "--accept-limit",
@@ -83,7 +91,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         ) from exc
     fields = (
         "host", "port", "state_dir", "reset", "room_ttl_seconds", "room_capacity",
-        "max_body_bytes", "max_wait_seconds", "max_cells", "backlog", "accept_limit", "log_level",
+        "max_body_bytes", "max_wait_seconds", "max_cells", "max_header_bytes",
+        "header_timeout", "backlog", "accept_limit", "log_level",
         "access_log", "log_format", "auth_token", "auth_reads", "ssl_certfile", "ssl_keyfile",
         "protocol",
     )  # fmt: skip

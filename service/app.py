@@ -281,4 +281,6 @@ def create_app(
         serve_hot_routes=fast_path,
         auth_token=token,
         auth_reads=settings.auth_reads,
+        max_header_bytes=settings.max_header_bytes,
+        header_timeout=settings.header_timeout,
     )

@@ -120,6 +120,8 @@ class FrontDoor:
         serve_hot_routes: bool = True,
         auth_token: str | None = None,
         auth_reads: bool = False,
+        max_header_bytes: int = 65536,
+        header_timeout: float = 10.0,
     ) -> None:
         self.app = app
         self.registry = registry
@@ -127,6 +129,8 @@ class FrontDoor:
         self.serve_hot_routes = serve_hot_routes
         self._token = f"Bearer {auth_token}".encode() if auth_token else None
         self.auth_reads = auth_reads
+        self.max_header_bytes = max_header_bytes
+        self.header_timeout = header_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
