@@ -96,7 +96,7 @@ def create_app(
     """Build the server. ``store`` defaults to what ``settings.state_dir`` names; ``clock``
     (unix seconds) drives leases, room expiry and registration times."""
     settings = settings or ServerSettings()
-    store = store if store is not None else open_store(settings.state_dir)
+    store = store if store is not None else open_store(settings.state_dir, settings.reset)
     registry = Registry(settings, store, clock)
 
     @asynccontextmanager

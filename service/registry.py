@@ -21,6 +21,7 @@ from prefill_bootstrap.service.metrics import Metrics
 from prefill_bootstrap.service.rooms import RoomTable
 from prefill_bootstrap.service.settings import ServerSettings
 from prefill_bootstrap.service.store import (
+    CHECKPOINT,
     Change,
     GroupCommitWriter,
     StateStore,
@@ -182,6 +183,7 @@ class Registry:
             log.debug("Cell %s re-registered unchanged at %s.", format_cell(record.cell), where)
         if done.completed:
             log.info("The port table is complete: all %s cells registered.", table.expected_count)
+            self.writer.submit([CHECKPOINT])  # the complete table in the main file, not the WAL
             asyncio.get_running_loop().call_later(1.0, release_free_memory)
 
     # -- waiting -------------------------------------------------------------------------------
