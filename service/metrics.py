@@ -105,6 +105,8 @@ class _RegistryCollector(Collector):
             ("room_expirations", "Room entries dropped after their TTL.", rooms.expired),
             ("state_commits", "Durable state commits (one per group of writes).",
              registry.writer.commits),
+            ("state_write_failures", "Failed durable writes; their requests got 503.",
+             registry.writer.failures),
         )  # fmt: skip
         for name, help_text, value in counters:
             yield CounterMetricFamily(p + name, help_text, value=value)

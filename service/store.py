@@ -376,6 +376,9 @@ class GroupCommitWriter:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self.commits = 0
+        self.failures = 0
+        """Failed writes; each refused its requests with 503 (``/metrics``)."""
+        self._failing_since = 0
 
     def submit(self, changes: Sequence[Change]) -> Future[None]:
         """Queue changes for the next commit; the writer thread starts with the first write."""
@@ -463,9 +466,31 @@ class GroupCommitWriter:
                 else StateStoreError(f"cannot write the state ({type(exc).__name__}: {exc})")
             )
             failure.__cause__ = exc if failure is not exc else exc.__cause__
+            self._note_failure(failure)
             return failure
         self.commits += 1
+        if self._failing_since:
+            log.warning(
+                "The durable state is writable again after %d failed writes.",
+                self.failures - self._failing_since + 1,
+            )
+            self._failing_since = 0
         return None
+
+    def _note_failure(self, failure: StateStoreError) -> None:
+        """Log the first failure of a burst, with its cause; the rest only count."""
+        self.failures += 1
+        if self._failing_since:
+            return
+        self._failing_since = self.failures
+        cause = failure.__cause__
+        log.error(
+            "Cannot make changes durable: %s%s. Registrations are answered 503 (retry) until a "
+            "write succeeds; further failures are counted in "
+            "prefill_bootstrap_state_write_failures, not logged.",
+            failure,
+            f" (cause: {type(cause).__name__}: {cause})" if cause is not None else "",
+        )
 
 
 _Waiter = Future[None] | asyncio.Future[None]

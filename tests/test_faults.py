@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import subprocess
 import threading
@@ -244,3 +245,24 @@ def test_a_group_registered_after_a_full_disk_at_the_first_registration_survives
     assert report["registered_cells"] == 2
     assert get(disk_server, "/ready").status_code == 200
     assert get(disk_server, "/route", **info_query()).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_a_burst_of_failed_writes_is_logged_once_with_its_cause_and_counted(
+    fillable: tuple[httpx.AsyncClient, FillableStore], caplog: pytest.LogCaptureFixture
+) -> None:
+    client, store = fillable
+    store.full = True
+    with caplog.at_level(logging.INFO, logger="prefill_bootstrap.server"):
+        for _ in range(3):
+            assert (await client.put("/route", json=pair(0))).status_code == 503
+        store.full = False
+        assert (await client.put("/route", json=pair(0))).status_code == 200
+        store.full = True
+        assert (await client.put("/route", json=pair(1))).status_code == 503
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2, [r.getMessage() for r in errors]
+    assert "No space left on device" in errors[0].getMessage()
+    assert any("writable again after 3 failed writes" in r.getMessage() for r in caplog.records)
+    metrics = (await client.get("/metrics")).text
+    assert "prefill_bootstrap_state_write_failures_total 4.0" in metrics
