@@ -49,6 +49,14 @@ BAD_REGISTRATIONS: list[tuple[str, Any, int, str]] = [
     ("empty ip", sglang_registration(rank_ip=""), 422, "rank_ip"),
     ("ip with spaces", sglang_registration(rank_ip="10.0.0.1 evil"), 422, "rank_ip"),
     ("ip not a string", sglang_registration(rank_ip=10), 422, "rank_ip"),
+    ("ipv6 in brackets", sglang_registration(rank_ip="[::1]"), 422, "without brackets"),
+    ("ip with a port", sglang_registration(rank_ip="10.0.0.1:5000"), 422, "rank_port"),
+    ("ipv4 out of range", sglang_registration(rank_ip="999.1.1.1"), 422, "not a valid IPv4"),
+    ("ip with NUL", sglang_registration(rank_ip="10.0.0.1\u0000"), 422, "rank_ip"),
+    ("ip with a control char", sglang_registration(rank_ip="node\u00071"), 422, "rank_ip"),
+    ("host with underscore", sglang_registration(rank_ip="node_1"), 422, "RFC 1123"),
+    ("host label too long", sglang_registration(rank_ip="a" * 64 + ".x"), 422, "RFC 1123"),
+    ("zone with a space", sglang_registration(rank_ip="fe80::1%a b"), 422, "zone"),
     ("page size zero", sglang_registration(page_size=0), 422, "page_size"),
     ("list body", [sglang_registration()], 422, "body"),
     ("null body", None, 422, "body"),
@@ -266,3 +274,25 @@ async def test_answers_about_the_largest_group_list_a_bounded_number_of_missing_
         assert report["missing_count"] == 16383
     metrics = (await api.get("/metrics")).text
     assert "prefill_bootstrap_missing_cells 16383.0" in metrics
+
+
+@pytest.mark.parametrize(
+    ("offered", "served"),
+    [
+        ("10.0.0.1", "10.0.0.1"),
+        ("0:0:0:0:0:0:0:1", "::1"),
+        ("FD00::0001", "fd00::1"),
+        ("fe80::1%eth0", "fe80::1%eth0"),
+        (
+            "prefill-0.prefill.default.svc.cluster.local",
+            "prefill-0.prefill.default.svc.cluster.local",
+        ),
+    ],
+)
+async def test_ip_literals_are_served_normalised_and_host_names_as_given(
+    api: httpx.AsyncClient, offered: str, served: str
+) -> None:
+    body = sglang_registration(attn_tp_size=1, rank_ip=offered)
+    assert (await api.put("/route", json=body)).status_code == 200
+    answer = await api.get("/route", params=cell_query(0, 0, 0, 0))
+    assert answer.json() == {"rank_ip": served, "rank_port": 41000}
