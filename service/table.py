@@ -357,7 +357,7 @@ class PortTable:
         was_complete = self.is_complete
         topology_changed = planned.topology != self.topology
         if self.topology is None:
-            self._live = bytearray(planned.topology.expected_cells)
+            self._start_live_map(planned.topology)
         self.topology = planned.topology
         self._cells[cell] = record
         if planned.replacement is not None:
@@ -374,13 +374,24 @@ class PortTable:
             completed=not was_complete and self.is_complete,
         )
 
+    def _start_live_map(self, topology: Topology) -> None:
+        """Once the topology is known; cells already held (a state stored without its topology
+        by an older server) count from the start."""
+        self.topology = topology
+        self._live = bytearray(topology.expected_cells)
+        for cell in self._cells:
+            self._set_live(cell, cell not in self._expired)
+
     def _set_live(self, cell: Cell, live: bool) -> None:
         if live:
             self._expired.discard(cell)
         else:
             self._expired.add(cell)
         topology = self.topology
-        if topology is not None:
+        if topology is None:
+            return
+        sizes = (topology.dp_size, topology.attn_cp_size, topology.attn_tp_size, topology.pp_size)
+        if all(rank < size for rank, size in zip(cell, sizes, strict=True)):
             index = (cell.dp * topology.attn_cp_size + cell.cp) * topology.attn_tp_size + cell.tp
             self._live[index * topology.pp_size + cell.pp] = live
 
@@ -547,9 +558,7 @@ class PortTable:
             record.cell: now for record in snapshot.cells if record.lease_seconds is not None
         }
         if snapshot.topology is not None:
-            table._live = bytearray(snapshot.topology.expected_cells)
-            for record in snapshot.cells:
-                table._set_live(record.cell, True)
+            table._start_live_map(snapshot.topology)
         table.replacements.extend(snapshot.replacements)
         table.conflicts.extend(snapshot.conflicts)
         table.version = 1 if snapshot.topology or snapshot.cells else 0
