@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from prefill_bootstrap.client.errors import TopologyConflict, format_cell
+from prefill_bootstrap.client.errors import StateStoreError, TopologyConflict, format_cell
 from prefill_bootstrap.client.protocol import Cell, Heartbeat, RankRegistration
 from prefill_bootstrap.service.memory import release_free_memory
 from prefill_bootstrap.service.metrics import Metrics
@@ -27,7 +27,7 @@ from prefill_bootstrap.service.store import (
     StateStore,
     new_instance_id,
 )
-from prefill_bootstrap.service.table import Outcome, PortTable, Registered
+from prefill_bootstrap.service.table import Outcome, PortTable, Registered, Topology
 
 __all__ = ["Registry"]
 
@@ -36,6 +36,21 @@ log = logging.getLogger("prefill_bootstrap.server")
 
 def _address(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _check_cell_cap(topology: Topology | None, cap: int, store: StateStore) -> None:
+    """A stored group larger than the cap (stored by a server with a larger --max-cells) would
+    be served at a cost the cap exists to bound: say so, with both ways out."""
+    if topology is None or topology.expected_cells <= cap:
+        return
+    where = getattr(store, "path", None) or f"{store.kind} state"
+    raise StateStoreError(
+        f"the group stored in {where} has {topology.expected_cells} cells (dp_size="
+        f"{topology.dp_size} x attn_cp_size={topology.attn_cp_size} x attn_tp_size="
+        f"{topology.attn_tp_size} x pp_size={topology.pp_size}), more than --max-cells={cap}: "
+        f"raise --max-cells (PREFILL_BOOTSTRAP_MAX_CELLS) to at least "
+        f"{topology.expected_cells}, or start once with --reset to begin a new group"
+    )
 
 
 class Registry:
@@ -51,6 +66,7 @@ class Registry:
         if settings.reset:
             store.write([new_instance_id()])
         stored = store.load()
+        _check_cell_cap(stored.snapshot.topology, settings.max_cells, store)
         self.instance_id = stored.instance_id
         self.table = PortTable.restore(stored.snapshot, now=clock())
         self.rooms = RoomTable(settings.room_ttl_seconds, settings.room_capacity)

@@ -171,3 +171,17 @@ def test_one_change_the_store_cannot_take_fails_alone_not_the_commit_it_shares()
     queued[2].result(timeout=10)
     assert store.load().instance_id == "c"
     writer.close()
+
+
+def test_a_stored_group_larger_than_the_cell_cap_is_refused_at_start_with_both_remedies() -> None:
+    from prefill_bootstrap.service import ServerSettings, create_app
+
+    store = MemoryStore()
+    table = PortTable()
+    done = table.register(
+        RankRegistration.model_validate(sglang_registration(attn_tp_size=64)), 1.0
+    )
+    store.write([done.topology, done.record])
+    with pytest.raises(StateStoreError, match="64 cells") as refused:
+        create_app(ServerSettings(state_dir=None, max_cells=32), store)
+    assert "--max-cells" in str(refused.value) and "--reset" in str(refused.value)
