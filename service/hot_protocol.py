@@ -76,7 +76,8 @@ class _HotPathProtocol(HttpToolsProtocol):
         self.slot = slot
         self._header_bytes = 0
         self._awaiting_headers = True
-        self._began = False
+        self._began_in_read = False
+        self._in_head = False
         self._header_timer: asyncio.TimerHandle | None = None
 
     # -- bounded request lines and headers -----------------------------------------------------
@@ -89,11 +90,11 @@ class _HotPathProtocol(HttpToolsProtocol):
         if self.slot is not None:
             self.slot.heard = True
         counted = self._awaiting_headers
-        self._began = False
+        self._began_in_read = False
         super().data_received(data)
         if not self._awaiting_headers or self.transport.is_closing():
             return
-        if counted and not self._began:
+        if counted and not self._began_in_read:
             # Whole reads spent on one unfinished head (a read that also began the message is
             # not counted: the bound holds to within one read, with no false refusals).
             self._header_bytes += len(data)
@@ -125,7 +126,7 @@ class _HotPathProtocol(HttpToolsProtocol):
         self._header_timer = None
         if not self._awaiting_headers or self.transport.is_closing():
             return
-        if self._began:
+        if self._in_head:
             self._refuse_head(
                 408,
                 "headers_timeout",
@@ -168,7 +169,7 @@ class _HotPathProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._began = True
+        self._began_in_read = self._in_head = True
         self._awaiting_headers = True
         self._header_bytes = 0
         self._arm_header_timer()
@@ -177,7 +178,7 @@ class _HotPathProtocol(HttpToolsProtocol):
         self._hot_size = 0
 
     def on_headers_complete(self) -> None:
-        self._awaiting_headers = False
+        self._awaiting_headers = self._in_head = False
         self._disarm_header_timer()
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
         if size > self.front.max_header_bytes:
@@ -221,7 +222,6 @@ class _HotPathProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._awaiting_headers = True  # the next request's, if one comes on this connection
-        self._began = False
         if self._hot is None:
             super().on_message_complete()
             return
