@@ -41,6 +41,17 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument("--room-capacity", type=int, help="most room entries kept (200000)")
     serve.add_argument("--max-body-bytes", type=int, help="request body cap (1048576)")
     serve.add_argument("--max-wait-seconds", type=float, help="cap for ?wait= long polls (300)")
+    serve.add_argument(
+        "--max-cells", type=int, help="most cells a group may have, dp x cp x tp x pp (16384)"
+    )
+    serve.add_argument(
+        "--max-header-bytes", type=int, help="request line + headers cap, else 431 (65536)"
+    )
+    serve.add_argument(
+        "--header-timeout",
+        type=float,
+        help="seconds to finish a request's headers before the connection is closed (10)",
+    )
     serve.add_argument("--backlog", type=int, help="listen backlog (4096)")
     serve.add_argument(
         "--accept-limit",
@@ -80,8 +91,10 @@ def _run_serve(args: argparse.Namespace) -> int:
         ) from exc
     fields = (
         "host", "port", "state_dir", "reset", "room_ttl_seconds", "room_capacity",
-        "max_body_bytes", "max_wait_seconds", "backlog", "accept_limit", "log_level", "access_log",
-        "log_format", "auth_token", "auth_reads", "ssl_certfile", "ssl_keyfile", "protocol",
+        "max_body_bytes", "max_wait_seconds", "max_cells", "max_header_bytes",
+        "header_timeout", "backlog", "accept_limit", "log_level",
+        "access_log", "log_format", "auth_token", "auth_reads", "ssl_certfile", "ssl_keyfile",
+        "protocol",
     )  # fmt: skip
     overrides = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
     if isinstance(overrides.get("state_dir"), str) and overrides["state_dir"]:

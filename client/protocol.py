@@ -9,9 +9,12 @@ should surface, not be coerced.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -90,7 +93,40 @@ _RANK_OF_SIZE = {
     "pp_rank": "pp_size",
     "system_dp_rank": "system_dp_size",
 }
-Host = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[^\s/?#@]+$")]
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_ZONE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def rank_host(value: str) -> str:
+    """An IP literal (IPv6 without brackets; answered in its normal form) or an RFC 1123 host
+    name. Anything else would be served to decodes as is, to fail far from its cause."""
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        pass
+    else:
+        zone = getattr(address, "scope_id", None)
+        if zone is not None and not _ZONE.fullmatch(zone):
+            raise ValueError(f"{value[:64]!r} has an invalid IPv6 zone (interface name)")
+        return str(address)
+    if value.startswith("[") or value.count(":") == 1:
+        raise ValueError(
+            f"{value[:64]!r} is not an IP address or host name: give an IPv6 address without "
+            "brackets and the port in rank_port"
+        )
+    name = value[:-1] if value.endswith(".") else value
+    labels = name.split(".")
+    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        raise ValueError(
+            f"{value[:64]!r} is neither an IP address nor an RFC 1123 host name (letters, "
+            "digits and '-' in dot-separated labels of 1-63 characters)"
+        )
+    if all(label.isdigit() for label in labels):
+        raise ValueError(f"{value[:64]!r} is not a valid IPv4 address")
+    return value
+
+
+Host = Annotated[str, Field(min_length=1, max_length=255), AfterValidator(rank_host)]
 
 
 class Cell(NamedTuple):
@@ -293,7 +329,8 @@ class TableReport(BaseModel):
     topology: TopologyReport | None
     expected_cells: int | None
     registered_cells: int
-    missing_cells: list[Cell]
+    missing_cells: list[Cell] = Field(description="the first 1000 missing cells, in cell order")
+    missing_count: int = Field(0, description="how many cells are missing in all")
     expired_cells: list[Cell] = Field(default_factory=list)
     rows: list[RowReport]
     cells: list[CellReport]

@@ -37,6 +37,7 @@ from prefill_bootstrap.client.protocol import (
     Cell,
     RankRegistration,
 )
+from prefill_bootstrap.service.bounds import extra_problem
 from prefill_bootstrap.service.registry import Registry
 from prefill_bootstrap.service.replies import (
     TEXT,
@@ -249,11 +250,44 @@ def parse_registration(
     if pinned != "auto" and not generation.startswith(pinned):
         return reply_for(ProtocolMismatch(pinned, generation))
     try:
-        return to_current(data, generation), generation
+        registration = to_current(data, generation)
     except ValidationError as exc:
         return validation_reply(
             [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
         )
+    if registration is not None:
+        beyond = extra_problem(registration)
+        if beyond is not None:
+            return _invalid(*beyond)
+    return registration, generation
+
+
+def _group_too_big(registration: RankRegistration, cap: int) -> Reply | None:
+    """Each size is bounded on its own; their product, the cells the table must hold and
+    report, is bounded here (``--max-cells``)."""
+    dp_name = "attn_dp_size" if registration.system_dp_size == 1 else "system_dp_size"
+    sizes = {
+        dp_name: registration.dp_size,
+        "attn_cp_size": registration.attn_cp_size,
+        "attn_tp_size": registration.attn_tp_size,
+        "pp_size": registration.pp_size,
+    }
+    cells = 1
+    for size in sizes.values():
+        cells *= size
+    if cells <= cap:
+        return None
+    product = " x ".join(f"{name}={size}" for name, size in sizes.items())
+    problem = (
+        f"{product} makes a group of {cells} cells, more than the server's cap of {cap} "
+        "(--max-cells / PREFILL_BOOTSTRAP_MAX_CELLS)"
+    )
+    return error_reply(
+        422,
+        "validation_error",
+        f"body: {problem}",
+        [{"loc": ["body", name], "msg": problem, "type": "too_many_cells"} for name in sizes],
+    )
 
 
 async def register(registry: Registry, body: bytes) -> Reply:
@@ -264,6 +298,9 @@ async def register(registry: Registry, body: bytes) -> Reply:
     registration, generation = parsed
     if registration is None:
         return OK
+    too_big = _group_too_big(registration, registry.settings.max_cells)
+    if too_big is not None:
+        return too_big
     try:
         await registry.register(registration, generation)
     except (TopologyConflict, StateStoreError) as exc:

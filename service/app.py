@@ -96,7 +96,7 @@ def create_app(
     """Build the server. ``store`` defaults to what ``settings.state_dir`` names; ``clock``
     (unix seconds) drives leases, room expiry and registration times."""
     settings = settings or ServerSettings()
-    store = store if store is not None else open_store(settings.state_dir)
+    store = store if store is not None else open_store(settings.state_dir, settings.reset)
     registry = Registry(settings, store, clock)
 
     @asynccontextmanager
@@ -281,4 +281,6 @@ def create_app(
         serve_hot_routes=fast_path,
         auth_token=token,
         auth_reads=settings.auth_reads,
+        max_header_bytes=settings.max_header_bytes,
+        header_timeout=settings.header_timeout,
     )

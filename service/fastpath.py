@@ -62,6 +62,13 @@ _KNOWN_ROUTES = frozenset(
 )  # fmt: skip
 
 
+def _bearer_token(credentials: bytes) -> bytes:
+    """The token of ``Bearer <token>``; the scheme is case-insensitive (RFC 7235), so ``bearer``
+    and ``BEARER`` count too. Anything else yields no token."""
+    scheme, _, token = credentials.partition(b" ")
+    return token.strip(b" ") if scheme.lower() == b"bearer" else b""
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -120,13 +127,17 @@ class FrontDoor:
         serve_hot_routes: bool = True,
         auth_token: str | None = None,
         auth_reads: bool = False,
+        max_header_bytes: int = 65536,
+        header_timeout: float = 10.0,
     ) -> None:
         self.app = app
         self.registry = registry
         self.max_body_bytes = max_body_bytes
         self.serve_hot_routes = serve_hot_routes
-        self._token = f"Bearer {auth_token}".encode() if auth_token else None
+        self._token = auth_token.encode() if auth_token else None
         self.auth_reads = auth_reads
+        self.max_header_bytes = max_header_bytes
+        self.header_timeout = header_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -175,7 +186,7 @@ class FrontDoor:
         if self._token is None or not self._needs_token(method, path):
             return None
         offered = next((value for name, value in headers if name == b"authorization"), None)
-        if offered is not None and hmac.compare_digest(offered, self._token):
+        if offered is not None and hmac.compare_digest(_bearer_token(offered), self._token):
             return None
         self.registry.metrics.unauthorized += 1
         if method == "PUT" and path == "/route":

@@ -11,6 +11,11 @@ request pipelined behind it waits its turn as it would behind any cycle. Anythin
 (HTTP/1.0, ``Connection: close``, ``Expect``, pipelining, access logging) takes uvicorn's normal
 path, as does every other route.
 
+Every connection, whichever route it asks for, has its request line and headers bounded: past
+``--max-header-bytes`` it is answered 431 and closed, and a request whose headers are not complete
+``--header-timeout`` seconds after it began (or after the connection opened) is closed, with a 408
+if it had sent anything. httptools would otherwise buffer an unfinished header without limit.
+
 Each connection also holds the ``Slot`` the admission listener (``listener.py``) accepted it with.
 It gives it back as soon as its first request turns out not to be a registration, else once that
 registration is answered, or when it closes.
@@ -59,12 +64,93 @@ class _Registering:
         self.keep_alive = True
 
 
+class _HeadRefused(Exception):
+    """Raised from a parser callback to stop parsing a request already answered."""
+
+
 class _HotPathProtocol(HttpToolsProtocol):
     front: FrontDoor
 
     def __init__(self, *args: Any, slot: Slot | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.slot = slot
+        self._header_bytes = 0
+        self._awaiting_headers = True
+        self._began_in_read = False
+        self._in_head = False
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    # -- bounded request lines and headers -----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self.slot is not None:
+            self.slot.heard = True
+        counted = self._awaiting_headers
+        self._began_in_read = False
+        super().data_received(data)
+        if not self._awaiting_headers or self.transport.is_closing():
+            return
+        if counted and not self._began_in_read:
+            # Whole reads spent on one unfinished head (a read that also began the message is
+            # not counted: the bound holds to within one read, with no false refusals).
+            self._header_bytes += len(data)
+        if self._header_bytes > self.front.max_header_bytes:
+            self._refuse_head(431, "headers_too_large", self._too_large(self._header_bytes))
+
+    def _too_large(self, size: int) -> str:
+        return (
+            f"the request line and headers take {size} bytes or more, over the "
+            f"{self.front.max_header_bytes} allowed (--max-header-bytes)"
+        )
+
+    def send_400_response(self, msg: str) -> None:
+        if not self.transport.is_closing():  # closing: we already answered (431)
+            super().send_400_response(msg)
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(
+                self.front.header_timeout, self._header_timed_out
+            )
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timed_out(self) -> None:
+        self._header_timer = None
+        if not self._awaiting_headers or self.transport.is_closing():
+            return
+        if self._in_head:
+            self._refuse_head(
+                408,
+                "headers_timeout",
+                f"the request's headers were not complete within {self.front.header_timeout:g}s "
+                "(--header-timeout)",
+            )
+        else:
+            self.transport.close()  # connected and never sent anything: nothing to answer
+
+    def _refuse_head(self, status: int, error: str, message: str) -> None:
+        body = error_reply(status, error, message).body
+        self.transport.write(
+            b"".join(
+                [
+                    STATUS_LINE[status],
+                    b"content-type: application/json\r\n",
+                    b"content-length: %d\r\n" % len(body),
+                    b"connection: close\r\n\r\n",
+                    body,
+                ]
+            )
+        )
+        self.transport.close()
+        log.warning("Closed the connection from %s: %s.", _peer(self.client), message)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -73,6 +159,7 @@ class _HotPathProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        self._disarm_header_timer()
         self._release_slot()
 
     def _release_slot(self) -> None:
@@ -82,11 +169,21 @@ class _HotPathProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._began_in_read = self._in_head = True
+        self._awaiting_headers = True
+        self._header_bytes = 0
+        self._arm_header_timer()
         self._hot: tuple[str, str, bytes, float] | None = None
         self._hot_body: list[bytes] = []
         self._hot_size = 0
 
     def on_headers_complete(self) -> None:
+        self._awaiting_headers = self._in_head = False
+        self._disarm_header_timer()
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > self.front.max_header_bytes:
+            self._refuse_head(431, "headers_too_large", self._too_large(size))
+            raise _HeadRefused  # stops the parser; uvicorn's 400 for it is skipped below
         if self.slot is not None and self.parser.get_method() != b"PUT":
             # Only registrations (the storm) keep their slot until answered: a read is answered
             # at once anyway, and a long poll (?wait=) must not pace everyone queued behind it.
@@ -124,6 +221,7 @@ class _HotPathProtocol(HttpToolsProtocol):
             self._hot_body.append(body)
 
     def on_message_complete(self) -> None:
+        self._awaiting_headers = True  # the next request's, if one comes on this connection
         if self._hot is None:
             super().on_message_complete()
             return
@@ -182,6 +280,10 @@ class _HotPathProtocol(HttpToolsProtocol):
             reply.body,
         ]  # fmt: skip
         self.transport.write(b"".join(parts))
+
+
+def _peer(client: tuple[str, int] | None) -> str:
+    return f"{client[0]}:{client[1]}" if client else "an unknown peer"
 
 
 def hot_path_protocol(front: FrontDoor) -> type[Any]:

@@ -3,12 +3,45 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Literal
+from urllib.parse import unquote_plus
 
 import orjson
 
-__all__ = ["JsonFormatter", "configure_logging"]
+__all__ = ["JsonFormatter", "RedactQueryCredentials", "configure_logging", "redact_query"]
+
+_CREDENTIAL = re.compile(
+    r"token|auth|key|secret|pass|pwd|signature|sig$|credential|session|jwt|cookie", re.IGNORECASE
+)
+REDACTED = "REDACTED"
+
+
+def redact_query(target: str) -> str:
+    """``/path?a=1&token=x`` -> ``/path?a=1&token=REDACTED``: a value whose parameter name looks
+    like a credential never reaches the log, whatever the client put in the URL."""
+    path, sep, query = target.partition("?")
+    if not sep:
+        return target
+    parts = []
+    for part in query.split("&"):
+        name, equals, _ = part.partition("=")
+        if equals and _CREDENTIAL.search(unquote_plus(name)):
+            part = f"{name}={REDACTED}"
+        parts.append(part)
+    return f"{path}?{'&'.join(parts)}"
+
+
+class RedactQueryCredentials(logging.Filter):
+    """On uvicorn's access logger: its third argument is the request target as sent."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            record.args = (*args[:2], redact_query(args[2]), *args[3:])
+        return True
+
 
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
@@ -44,6 +77,9 @@ def configure_logging(level: str, log_format: Literal["text", "json"] = "text") 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactQueryCredentials) for f in access.filters):
+        access.addFilter(RedactQueryCredentials())
     # A registration storm logs one line per rank; the logging docs' own optimisations keep each
     # line cheap: no caller lookup (a stack walk per record), no thread or process names.
     logging._srcfile = None  # type: ignore[attr-defined]

@@ -81,7 +81,7 @@ class _RegistryCollector(Collector):
             ("registered_cells", "Distinct cells registered, expired leases included.",
              table.registered_count),
             ("missing_cells", "Cells not registered or whose lease expired.",
-             len(table.missing_cells())),
+             table.missing_count),
             ("expired_cells", "Registered cells whose lease expired.",
              len(table.expired_cells())),
             ("ready", "1 when every expected cell is registered and live.",
@@ -105,6 +105,8 @@ class _RegistryCollector(Collector):
             ("room_expirations", "Room entries dropped after their TTL.", rooms.expired),
             ("state_commits", "Durable state commits (one per group of writes).",
              registry.writer.commits),
+            ("state_write_failures", "Failed durable writes; their requests got 503.",
+             registry.writer.failures),
         )  # fmt: skip
         for name, help_text, value in counters:
             yield CounterMetricFamily(p + name, help_text, value=value)

@@ -14,19 +14,20 @@ from typing import Any
 
 import orjson
 
-from prefill_bootstrap.client.errors import TopologyConflict, format_cell
+from prefill_bootstrap.client.errors import StateStoreError, TopologyConflict, format_cell
 from prefill_bootstrap.client.protocol import Cell, Heartbeat, RankRegistration
 from prefill_bootstrap.service.memory import release_free_memory
 from prefill_bootstrap.service.metrics import Metrics
 from prefill_bootstrap.service.rooms import RoomTable
 from prefill_bootstrap.service.settings import ServerSettings
 from prefill_bootstrap.service.store import (
+    CHECKPOINT,
     Change,
     GroupCommitWriter,
     StateStore,
     new_instance_id,
 )
-from prefill_bootstrap.service.table import Outcome, PortTable, Registered
+from prefill_bootstrap.service.table import Outcome, PortTable, Registered, Topology
 
 __all__ = ["Registry"]
 
@@ -35,6 +36,21 @@ log = logging.getLogger("prefill_bootstrap.server")
 
 def _address(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _check_cell_cap(topology: Topology | None, cap: int, store: StateStore) -> None:
+    """A stored group larger than the cap (stored by a server with a larger --max-cells) would
+    be served at a cost the cap exists to bound: say so, with both ways out."""
+    if topology is None or topology.expected_cells <= cap:
+        return
+    where = getattr(store, "path", None) or f"{store.kind} state"
+    raise StateStoreError(
+        f"the group stored in {where} has {topology.expected_cells} cells (dp_size="
+        f"{topology.dp_size} x attn_cp_size={topology.attn_cp_size} x attn_tp_size="
+        f"{topology.attn_tp_size} x pp_size={topology.pp_size}), more than --max-cells={cap}: "
+        f"raise --max-cells (PREFILL_BOOTSTRAP_MAX_CELLS) to at least "
+        f"{topology.expected_cells}, or start once with --reset to begin a new group"
+    )
 
 
 class Registry:
@@ -50,6 +66,7 @@ class Registry:
         if settings.reset:
             store.write([new_instance_id()])
         stored = store.load()
+        _check_cell_cap(stored.snapshot.topology, settings.max_cells, store)
         self.instance_id = stored.instance_id
         self.table = PortTable.restore(stored.snapshot, now=clock())
         self.rooms = RoomTable(settings.room_ttl_seconds, settings.room_capacity)
@@ -70,9 +87,11 @@ class Registry:
     # -- changes -------------------------------------------------------------------------------
 
     async def register(self, registration: RankRegistration, protocol: str = "3") -> Registered:
-        """Apply in memory, then wait until the change is durable before acknowledging."""
+        """Plan the change, make it durable, and only then serve it: a registration answered
+        503 never reaches a decode, and a restart finds exactly what was acknowledged."""
+        now = self.clock()
         try:
-            done = self.table.register(registration, self.clock(), protocol)
+            planned = self.table.plan(registration, now, protocol)
         except TopologyConflict as conflict:
             self.metrics.registrations["conflict"] += 1
             log.warning(
@@ -81,16 +100,23 @@ class Registry:
                 format_cell(registration.cell),
                 conflict,
             )
-            await self._persist([self.table.conflicts[-1]])
+            record = self.table.conflict_of(conflict, registration, now)
+            await self._persist([record])
+            self.table.record_conflict(record)
             self._notify()
             raise
         changes: list[Change] = []
-        if done.topology_changed:
-            changes.append(done.topology)
-        if done.outcome is Outcome.REPLACED:
-            changes.append(self.table.replacements[-1])
-        changes.append(done.record)
-        await self._persist(changes)
+        if planned.topology_changed:
+            changes.append(planned.topology)
+        if planned.replacement is not None:
+            changes.append(planned.replacement)
+        changes.append(planned.record)
+        try:
+            await self._persist(changes)
+        except BaseException:
+            self.table.abandon(planned)
+            raise
+        done = self.table.commit(planned)
         self.metrics.registrations[done.outcome.value] += 1
         self._notify()
         self._log_registration(done)
@@ -173,6 +199,7 @@ class Registry:
             log.debug("Cell %s re-registered unchanged at %s.", format_cell(record.cell), where)
         if done.completed:
             log.info("The port table is complete: all %s cells registered.", table.expected_count)
+            self.writer.submit([CHECKPOINT])  # the complete table in the main file, not the WAL
             asyncio.get_running_loop().call_later(1.0, release_free_memory)
 
     # -- waiting -------------------------------------------------------------------------------

@@ -7,7 +7,19 @@ from typing import Any
 
 from prefill_bootstrap.service.registry import Registry
 
-__all__ = ["readiness", "table_report"]
+__all__ = ["LISTED_MISSING_CELLS", "readiness", "table_report"]
+
+LISTED_MISSING_CELLS = 1000
+"""Most missing cells an answer lists; ``missing_count`` gives the total. A group of the largest
+allowed size answers in bounded time and bytes, whatever is missing."""
+
+
+def _missing(registry: Registry) -> dict[str, Any]:
+    table = registry.table
+    return {
+        "missing_cells": [list(cell) for cell in table.missing_cells(LISTED_MISSING_CELLS)],
+        "missing_count": table.missing_count,
+    }
 
 
 def table_report(registry: Registry) -> dict[str, Any]:
@@ -24,7 +36,7 @@ def table_report(registry: Registry) -> dict[str, Any]:
         ),
         "expected_cells": table.expected_count,
         "registered_cells": table.registered_count,
-        "missing_cells": [list(cell) for cell in table.missing_cells()],
+        **_missing(registry),
         "expired_cells": [list(cell) for cell in table.expired_cells()],
         "rows": [
             {"dp": dp, "expected": per_row, "registered": count, "complete": count >= per_row}
@@ -84,6 +96,6 @@ def readiness(registry: Registry) -> dict[str, Any]:
         "instance_id": registry.instance_id,
         "expected_cells": table.expected_count,
         "registered_cells": table.registered_count,
-        "missing_cells": [list(cell) for cell in table.missing_cells()],
+        **_missing(registry),
         "expired_cells": [list(cell) for cell in table.expired_cells()],
     }

@@ -59,6 +59,21 @@ class ServerSettings(BaseSettings):
         description="most new connections taken at once (accepted, not yet answered); the rest "
         "wait in the listen backlog, which keeps a start-up storm's memory bounded",
     )
+    max_cells: Annotated[int, Field(ge=1, le=1 << 24)] = Field(
+        16384,
+        description="most cells a group may have (dp x cp x tp x pp); a registration of a "
+        "larger group is refused with 422. Real groups have tens to a few thousand cells",
+    )
+    max_header_bytes: Annotated[int, Field(ge=1024, le=1 << 24)] = Field(
+        65536,
+        description="largest request line plus headers; past it the request is answered 431 "
+        "and the connection closed",
+    )
+    header_timeout: Annotated[float, Field(gt=0, le=3600)] = Field(
+        10.0,
+        description="seconds a request (or a new connection) may take to finish its headers "
+        "before the connection is closed",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = Field(
         "text", description="'json' writes one JSON object per log line"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import queue
 import sqlite3
 import threading
@@ -26,6 +27,7 @@ import orjson
 
 from prefill_bootstrap.client.errors import ConfigurationError, StateStoreError
 from prefill_bootstrap.client.protocol import Cell, RankAddress
+from prefill_bootstrap.service.state_files import RESET_REMEDY, check_not_emptied, move_aside
 from prefill_bootstrap.service.table import (
     HISTORY_LIMIT,
     CellRecord,
@@ -36,7 +38,9 @@ from prefill_bootstrap.service.table import (
 )
 
 __all__ = [
+    "CHECKPOINT",
     "Change",
+    "Checkpoint",
     "GroupCommitWriter",
     "MemoryStore",
     "SqliteStore",
@@ -45,6 +49,8 @@ __all__ = [
     "new_instance_id",
     "open_store",
 ]
+
+log = logging.getLogger("prefill_bootstrap.server")
 
 DATABASE_NAME = "prefill-bootstrap.sqlite3"
 SCHEMA_VERSION = "1"
@@ -60,8 +66,16 @@ class StoredState:
     snapshot: Snapshot
 
 
-Change = Topology | CellRecord | Replacement | Conflict | str
-"""A topology, cell, history entry, or a new instance id (a reset) to persist."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """Not a change: ask the store to fold its log into the main file (SQLite's WAL), so the
+    state does not live only in the log."""
+
+
+CHECKPOINT = Checkpoint()
+
+Change = Topology | CellRecord | Replacement | Conflict | Checkpoint | str
+"""A topology, cell, history entry, a new instance id (a reset), or a checkpoint request."""
 
 
 class StateStore(ABC):
@@ -113,7 +127,7 @@ class MemoryStore(StateStore):
                 self._cells[change.cell] = change
             elif isinstance(change, Replacement):
                 self._replacements.append(change)
-            else:
+            elif isinstance(change, Conflict):
                 self._conflicts.append(change)
 
 
@@ -189,7 +203,7 @@ class SqliteStore(StateStore):
 
     kind = "sqlite"
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, reset: bool = False) -> None:
         self.state_dir = state_dir
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
@@ -209,6 +223,20 @@ class SqliteStore(StateStore):
             ) from None
         self.path = state_dir / DATABASE_NAME
         try:
+            if reset:
+                moved = move_aside(self.path)
+                if moved is not None:
+                    log.warning(
+                        "--reset: moved the state %s aside into %s; starting a new group.",
+                        self.path,
+                        moved,
+                    )
+            else:
+                check_not_emptied(self.path)
+        except StateStoreError:
+            self._lock_file.close()
+            raise
+        try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -218,9 +246,13 @@ class SqliteStore(StateStore):
                 "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?), ('instance_id', ?)",
                 (SCHEMA_VERSION, new_instance_id()),
             )
+            self._opened = True
         except sqlite3.Error as exc:
             self.close()
-            raise StateStoreError(f"cannot open the state database {self.path}: {exc}") from exc
+            raise StateStoreError(
+                f"cannot open the state database {self.path}: {exc}; if the file is damaged, "
+                f"{RESET_REMEDY}"
+            ) from exc
 
     def load(self) -> StoredState:
         try:
@@ -241,8 +273,7 @@ class SqliteStore(StateStore):
                 history[kind] = [orjson.loads(row["body"]) for row in reversed(rows)]
         except (sqlite3.Error, orjson.JSONDecodeError, TypeError, KeyError) as exc:
             raise StateStoreError(
-                f"the state database {self.path} is unreadable ({exc}); move it aside or start "
-                "with --reset to begin a new group"
+                f"the state database {self.path} is unreadable ({exc}); {RESET_REMEDY}"
             ) from exc
         snapshot = Snapshot(
             topology,
@@ -257,6 +288,8 @@ class SqliteStore(StateStore):
         try:
             db.execute("BEGIN IMMEDIATE")
             for change in changes:
+                if isinstance(change, Checkpoint):
+                    continue
                 if isinstance(change, str):
                     db.execute("DELETE FROM cells")
                     db.execute("DELETE FROM events")
@@ -296,17 +329,31 @@ class SqliteStore(StateStore):
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             raise StateStoreError(f"cannot write the state database {self.path}: {exc}") from exc
+        if any(isinstance(change, Checkpoint) for change in changes):
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Fold the WAL into the main file and truncate it. A failure here loses nothing (the
+        WAL still holds every commit), so it is logged, not raised."""
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error as exc:
+            log.warning("Could not checkpoint the state database %s: %s.", self.path, exc)
 
     def close(self) -> None:
+        if getattr(self, "_opened", False):
+            self._opened = False
+            self._checkpoint()
         with contextlib.suppress(Exception):
             self._db.close()
         with contextlib.suppress(Exception):
             self._lock_file.close()
 
 
-def open_store(state_dir: Path | None) -> StateStore:
-    """SQLite under ``state_dir``, or memory when no directory is given."""
-    return MemoryStore() if state_dir is None else SqliteStore(state_dir)
+def open_store(state_dir: Path | None, reset: bool = False) -> StateStore:
+    """SQLite under ``state_dir``, or memory when no directory is given. ``reset`` moves any
+    stored state aside first, readable or not."""
+    return MemoryStore() if state_dir is None else SqliteStore(state_dir, reset)
 
 
 # -- group commit ------------------------------------------------------------------------------
@@ -329,6 +376,9 @@ class GroupCommitWriter:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self.commits = 0
+        self.failures = 0
+        """Failed writes; each refused its requests with 503 (``/metrics``)."""
+        self._failing_since = 0
 
     def submit(self, changes: Sequence[Change]) -> Future[None]:
         """Queue changes for the next commit; the writer thread starts with the first write."""
@@ -387,10 +437,28 @@ class GroupCommitWriter:
                 return
 
     def _commit(self, pending: list[tuple[Sequence[Change], _Waiter]]) -> None:
-        failure: Exception | None = None
+        failure = self._write([change for changes, _ in pending for change in changes])
+        if failure is not None and len(pending) > 1:
+            # One request's change must never fail the others: write each on its own. (A full
+            # disk fails them all again, fast; a change the store cannot take fails alone.)
+            outcomes = [(waiter, self._write(changes)) for changes, waiter in pending]
+        else:
+            outcomes = [(waiter, failure) for _, waiter in pending]
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], _Failure]]] = {}
+        for waiter, outcome in outcomes:
+            if isinstance(waiter, asyncio.Future):
+                by_loop.setdefault(waiter.get_loop(), []).append((waiter, outcome))
+            elif outcome is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(outcome)
+        for loop, futures in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(_resolve, futures)
+
+    def _write(self, changes: Sequence[Change]) -> StateStoreError | None:
         try:
-            self.store.write([change for changes, _ in pending for change in changes])
-            self.commits += 1
+            self.store.write(changes)
         except Exception as exc:  # surfaced to every waiting request, never swallowed
             failure = (
                 exc
@@ -398,25 +466,42 @@ class GroupCommitWriter:
                 else StateStoreError(f"cannot write the state ({type(exc).__name__}: {exc})")
             )
             failure.__cause__ = exc if failure is not exc else exc.__cause__
-        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
-        for _, waiter in pending:
-            if isinstance(waiter, asyncio.Future):
-                by_loop.setdefault(waiter.get_loop(), []).append(waiter)
-            elif failure is None:
-                waiter.set_result(None)
-            else:
-                waiter.set_exception(failure)
-        for loop, futures in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
-                loop.call_soon_threadsafe(_resolve, futures, failure)
+            self._note_failure(failure)
+            return failure
+        self.commits += 1
+        if self._failing_since:
+            log.warning(
+                "The durable state is writable again after %d failed writes.",
+                self.failures - self._failing_since + 1,
+            )
+            self._failing_since = 0
+        return None
+
+    def _note_failure(self, failure: StateStoreError) -> None:
+        """Log the first failure of a burst, with its cause; the rest only count."""
+        self.failures += 1
+        if self._failing_since:
+            return
+        self._failing_since = self.failures
+        cause = failure.__cause__
+        log.error(
+            "Cannot make changes durable: %s%s. Registrations are answered 503 (retry) until a "
+            "write succeeds; further failures are counted in "
+            "prefill_bootstrap_state_write_failures, not logged.",
+            failure,
+            f" (cause: {type(cause).__name__}: {cause})" if cause is not None else "",
+        )
 
 
 _Waiter = Future[None] | asyncio.Future[None]
 
 
-def _resolve(futures: list[asyncio.Future[None]], failure: Exception | None) -> None:
+_Failure = StateStoreError | None
+
+
+def _resolve(futures: list[tuple[asyncio.Future[None], _Failure]]) -> None:
     """On the waiting loop: settle every future of one commit."""
-    for future in futures:
+    for future, failure in futures:
         if future.done():  # the request was cancelled (client gone) meanwhile
             continue
         if failure is None:

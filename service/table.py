@@ -247,6 +247,8 @@ class Registered:
     completed: bool = False
     """This registration made the table complete (it was not before): true for exactly one
     registration of a storm, however the acknowledgements are batched afterwards."""
+    replacement: Replacement | None = None
+    """The history entry a REPLACED registration adds once committed."""
 
 
 @dataclass(frozen=True)
@@ -270,42 +272,46 @@ class PortTable:
         self.version = 0
         self._renewed_at: dict[Cell, float] = {}
         self._expired: set[Cell] = set()
+        self._live = bytearray()
+        """One byte per expected cell, in ``Topology.cells()`` order: 1 when registered and
+        live. Missing cells are found by the C-speed ``bytearray.find``, not a Python scan."""
+        self._pending_topology: Topology | None = None
+        self._pending_cells: dict[Cell, CellRecord] = {}
+        self._in_flight = 0
 
     # -- changes -------------------------------------------------------------------------------
 
     def register(
         self, registration: RankRegistration, now: float, protocol: str = "3"
     ) -> Registered:
-        """Fill (or refill) the registration's cell; all-or-nothing.
+        """Plan and commit at once: for callers with nothing to make durable in between."""
+        try:
+            planned = self.plan(registration, now, protocol)
+        except TopologyConflict as conflict:
+            self.record_conflict(self.conflict_of(conflict, registration, now))
+            raise
+        return self.commit(planned)
 
-        Raises ``TopologyConflict`` (and remembers it for diagnostics) without touching the cells
-        or the topology when the registration disagrees with the established group.
+    def plan(self, registration: RankRegistration, now: float, protocol: str = "3") -> Registered:
+        """What registering would do, without changing what the table serves.
+
+        The plan is checked against the committed table *and* the plans still in flight (so two
+        ranks racing with contradicting topologies cannot both be accepted); ``commit`` applies
+        it once it is durable, ``abandon`` forgets it when it could not be made durable.
+        Raises ``TopologyConflict`` when the registration disagrees with the group.
         """
         cell = registration.cell
-        topology = self.topology
+        topology = self._pending_topology or self.topology
         if topology is None:
             topology = Topology.from_registration(registration)
         else:
-            try:
-                topology.check(registration)
-            except TopologyConflict as conflict:
-                self.conflicts.append(
-                    Conflict(
-                        conflict.field,
-                        conflict.established,
-                        conflict.offered,
-                        registration.address,
-                        cell,
-                        now,
-                    )
-                )
-                self.version += 1
-                raise
+            topology.check(registration)
             topology = topology.absorb(registration)
 
         extra = dict(registration.model_extra or {})
         lease = registration.lease_seconds
-        previous = self._cells.get(cell)
+        previous = self._pending_cells.get(cell) or self._cells.get(cell)
+        replacement = None
         if previous is None:
             outcome = Outcome.NEW
             record = CellRecord(cell, registration.address, now, now, 1, extra, lease, protocol)
@@ -329,28 +335,96 @@ class PortTable:
                 lease_seconds=lease,
                 protocol=protocol,
             )
-            self.replacements.append(
-                Replacement(cell, previous.address, record.address, record.generation, now)
+            replacement = Replacement(
+                cell, previous.address, record.address, record.generation, now
             )
-
-        topology_changed = topology != self.topology
-        was_complete = self.is_complete
-        self.topology = topology
-        self._cells[cell] = record
-        self._expired.discard(cell)
-        if lease is None:
-            self._renewed_at.pop(cell, None)
-        else:
-            self._renewed_at[cell] = now
-        self.version += 1
+        self._pending_topology = topology
+        self._pending_cells[cell] = record
+        self._in_flight += 1
         return Registered(
             outcome,
             record,
             previous.address if previous else None,
             topology,
-            topology_changed,
+            topology != self.topology,
+            replacement=replacement,
+        )
+
+    def commit(self, planned: Registered) -> Registered:
+        """Serve a plan that is now durable; answers it with ``completed`` filled in."""
+        self._settle(planned)
+        cell, record = planned.record.cell, planned.record
+        was_complete = self.is_complete
+        topology_changed = planned.topology != self.topology
+        if self.topology is None:
+            self._start_live_map(planned.topology)
+        self.topology = planned.topology
+        self._cells[cell] = record
+        if planned.replacement is not None:
+            self.replacements.append(planned.replacement)
+        self._set_live(cell, True)
+        if record.lease_seconds is None:
+            self._renewed_at.pop(cell, None)
+        else:
+            self._renewed_at[cell] = record.last_registered_at
+        self.version += 1
+        return replace(
+            planned,
+            topology_changed=topology_changed,
             completed=not was_complete and self.is_complete,
         )
+
+    def _start_live_map(self, topology: Topology) -> None:
+        """Once the topology is known; cells already held (a state stored without its topology
+        by an older server) count from the start."""
+        self.topology = topology
+        self._live = bytearray(topology.expected_cells)
+        for cell in self._cells:
+            self._set_live(cell, cell not in self._expired)
+
+    def _set_live(self, cell: Cell, live: bool) -> None:
+        if live:
+            self._expired.discard(cell)
+        else:
+            self._expired.add(cell)
+        topology = self.topology
+        if topology is None:
+            return
+        sizes = (topology.dp_size, topology.attn_cp_size, topology.attn_tp_size, topology.pp_size)
+        if all(rank < size for rank, size in zip(cell, sizes, strict=True)):
+            index = (cell.dp * topology.attn_cp_size + cell.cp) * topology.attn_tp_size + cell.tp
+            self._live[index * topology.pp_size + cell.pp] = live
+
+    def abandon(self, planned: Registered) -> None:
+        """Forget a plan that could not be made durable: nothing of it is ever served."""
+        self._settle(planned)
+
+    def _settle(self, planned: Registered) -> None:
+        cell = planned.record.cell
+        if self._pending_cells.get(cell) is planned.record:
+            del self._pending_cells[cell]
+        self._in_flight -= 1
+        if self._in_flight <= 0:
+            self._in_flight = 0
+            self._pending_topology = None
+            self._pending_cells.clear()
+
+    def conflict_of(
+        self, conflict: TopologyConflict, registration: RankRegistration, now: float
+    ) -> Conflict:
+        return Conflict(
+            conflict.field,
+            conflict.established,
+            conflict.offered,
+            registration.address,
+            registration.cell,
+            now,
+        )
+
+    def record_conflict(self, conflict: Conflict) -> None:
+        """Remember a refused registration for the diagnostics (once it is durable)."""
+        self.conflicts.append(conflict)
+        self.version += 1
 
     def renew(self, cell: Cell, address: RankAddress, now: float) -> float | None:
         """A leased rank's heartbeat: push its expiry out again; answer the new expiry time.
@@ -365,7 +439,7 @@ class PortTable:
             return None
         self._renewed_at[cell] = now
         if cell in self._expired:
-            self._expired.discard(cell)
+            self._set_live(cell, True)
             self.version += 1
         return now + record.lease_seconds
 
@@ -377,8 +451,9 @@ class PortTable:
             if cell not in self._expired
             and renewed_at + (self._cells[cell].lease_seconds or 0) <= now
         ]
+        for cell in newly:
+            self._set_live(cell, False)
         if newly:
-            self._expired.update(newly)
             self.version += 1
         return newly
 
@@ -395,6 +470,11 @@ class PortTable:
     @property
     def expected_count(self) -> int | None:
         return self.topology.expected_cells if self.topology else None
+
+    @property
+    def in_flight(self) -> int:
+        """Plans neither committed nor abandoned yet (registrations on their way to disk)."""
+        return self._in_flight
 
     @property
     def registered_count(self) -> int:
@@ -419,15 +499,28 @@ class PortTable:
     def records(self) -> list[CellRecord]:
         return sorted(self._cells.values(), key=lambda record: record.cell)
 
-    def missing_cells(self) -> list[Cell]:
-        """Cells nobody registered, and cells whose lease expired: both keep the table unready."""
-        if self.topology is None:
+    @property
+    def missing_count(self) -> int:
+        """Cells not registered or whose lease expired (0 before the first registration)."""
+        expected = self.expected_count
+        return 0 if expected is None else expected - self.live_count
+
+    def missing_cells(self, limit: int | None = None) -> list[Cell]:
+        """Cells nobody registered, and cells whose lease expired: both keep the table unready.
+        The first ``limit`` of them in cell order (all when None)."""
+        topology = self.topology
+        if topology is None:
             return []
-        return [
-            cell
-            for cell in self.topology.cells()
-            if cell not in self._cells or cell in self._expired
-        ]
+        cp, tp, pp = topology.attn_cp_size, topology.attn_tp_size, topology.pp_size
+        found: list[Cell] = []
+        index = self._live.find(0)
+        while index >= 0 and (limit is None or len(found) < limit):
+            rest, pp_rank = divmod(index, pp)
+            rest, tp_rank = divmod(rest, tp)
+            dp_rank, cp_rank = divmod(rest, cp)
+            found.append(Cell(dp_rank, cp_rank, tp_rank, pp_rank))
+            index = self._live.find(0, index + 1)
+        return found
 
     def expired_cells(self) -> list[Cell]:
         return sorted(self._expired)
@@ -464,6 +557,8 @@ class PortTable:
         table._renewed_at = {
             record.cell: now for record in snapshot.cells if record.lease_seconds is not None
         }
+        if snapshot.topology is not None:
+            table._start_live_map(snapshot.topology)
         table.replacements.extend(snapshot.replacements)
         table.conflicts.extend(snapshot.conflicts)
         table.version = 1 if snapshot.topology or snapshot.cells else 0

@@ -3,15 +3,24 @@ the table."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
 import orjson
 import pytest
 
-from tests.conftest import cell_query, info_query, sglang_registration
+from tests.conftest import asgi_client, cell_query, info_query, sglang_registration
 
 pytestmark = pytest.mark.anyio
+
+
+def nested(depth: int) -> list[Any]:
+    """``[[[...]]]``: lists nested ``depth`` levels deep."""
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
 
 
 def without(field: str) -> dict[str, Any]:
@@ -40,11 +49,34 @@ BAD_REGISTRATIONS: list[tuple[str, Any, int, str]] = [
     ("empty ip", sglang_registration(rank_ip=""), 422, "rank_ip"),
     ("ip with spaces", sglang_registration(rank_ip="10.0.0.1 evil"), 422, "rank_ip"),
     ("ip not a string", sglang_registration(rank_ip=10), 422, "rank_ip"),
+    ("ipv6 in brackets", sglang_registration(rank_ip="[::1]"), 422, "without brackets"),
+    ("ip with a port", sglang_registration(rank_ip="10.0.0.1:5000"), 422, "rank_port"),
+    ("ipv4 out of range", sglang_registration(rank_ip="999.1.1.1"), 422, "not a valid IPv4"),
+    ("ip with NUL", sglang_registration(rank_ip="10.0.0.1\u0000"), 422, "rank_ip"),
+    ("ip with a control char", sglang_registration(rank_ip="node\u00071"), 422, "rank_ip"),
+    ("host with underscore", sglang_registration(rank_ip="node_1"), 422, "RFC 1123"),
+    ("host label too long", sglang_registration(rank_ip="a" * 64 + ".x"), 422, "RFC 1123"),
+    ("zone with a space", sglang_registration(rank_ip="fe80::1%a b"), 422, "zone"),
     ("page size zero", sglang_registration(page_size=0), 422, "page_size"),
     ("list body", [sglang_registration()], 422, "body"),
     ("null body", None, 422, "body"),
     ("policy not a string", sglang_registration(decode_allocation_policy=3), 422, "decode"),
     ("http port too high", sglang_registration(prefill_http_port=70000), 422, "prefill_http"),
+    ("unknown field nested 300 deep", sglang_registration(x=nested(300)), 422, "body.x"),
+    ("unknown field nested 33 deep", sglang_registration(x=nested(33)), 422, "body.x"),
+    ("unknown field of 17 KiB", sglang_registration(big="y" * 17_000), 422, "body.big"),
+    (
+        "unknown fields of 80 KiB together",
+        sglang_registration(**{f"f{i}": "y" * 10_000 for i in range(8)}),
+        422,
+        "body.f6",
+    ),
+    (
+        "layout nested 40 deep",
+        sglang_registration(dsv41_spec_layout={"a": nested(40)}),
+        422,
+        "body.dsv41_spec_layout",
+    ),
 ]
 
 
@@ -57,7 +89,7 @@ async def test_a_bad_registration_is_refused_with_a_json_error_naming_the_field(
     api: httpx.AsyncClient, body: Any, status: int, named: str
 ) -> None:
     before = (await api.get("/prefill_port_table")).json()
-    response = await api.put("/route", content=orjson.dumps(body))
+    response = await api.put("/route", content=json.dumps(body))  # orjson stops at 254 levels
     assert response.status_code == status
     error = response.json()
     assert error["error"] == "validation_error"
@@ -182,3 +214,85 @@ async def test_a_bad_wait_parameter_is_422(api: httpx.AsyncClient, wait: str) ->
     response = await api.get("/prefill_port_table", params={"wait": wait})
     assert response.status_code == 422
     assert "wait" in response.json()["message"]
+
+
+async def test_unknown_fields_within_their_bounds_are_kept_stored_and_shown(
+    api: httpx.AsyncClient,
+) -> None:
+    extra = {"x": nested(32), "note": "n" * 15_000}
+    assert (await api.put("/route", json=sglang_registration(**extra))).status_code == 200
+    report = await api.get("/prefill_port_table")
+    assert report.status_code == 200
+    assert report.json()["cells"][0]["extra"] == extra
+
+
+async def test_a_deeply_nested_unknown_field_does_not_poison_the_table(
+    api: httpx.AsyncClient,
+) -> None:
+    poisoned = sglang_registration(attn_tp_rank=1, rank_port=41001, x=nested(300))
+    assert (await api.put("/route", json=poisoned)).status_code == 422
+    for tp in (0, 1):
+        body = sglang_registration(attn_tp_rank=tp, rank_port=41000 + tp)
+        assert (await api.put("/route", json=body)).status_code == 200
+    assert (await api.get("/prefill_port_table")).status_code == 200
+    assert (await api.get("/ready")).status_code == 200
+
+
+async def test_a_group_past_the_cell_cap_is_422_naming_the_sizes_and_the_cap(
+    api: httpx.AsyncClient,
+) -> None:
+    body = sglang_registration(attn_dp_size=1024, attn_tp_size=1024, pp_size=1024)
+    response = await api.put("/route", json=body)
+    assert response.status_code == 422
+    message = response.json()["message"]
+    for named in ("attn_dp_size=1024", "attn_tp_size=1024", "pp_size=1024", "16384"):
+        assert named in message
+    assert "--max-cells" in message
+    assert (await api.get("/prefill_port_table")).json()["topology"] is None
+
+
+async def test_the_cell_cap_is_configurable_and_inclusive(app_factory: Any) -> None:
+    app = app_factory(max_cells=8)
+    async with asgi_client(app) as client:
+        at_cap = await client.put("/route", json=sglang_registration(attn_tp_size=8))
+        assert at_cap.status_code == 200
+    app = app_factory(max_cells=7)
+    async with asgi_client(app) as client:
+        past = await client.put("/route", json=sglang_registration(attn_tp_size=8))
+        assert past.status_code == 422
+
+
+async def test_answers_about_the_largest_group_list_a_bounded_number_of_missing_cells(
+    api: httpx.AsyncClient,
+) -> None:
+    body = sglang_registration(attn_tp_size=16384, attn_tp_rank=16383)
+    assert (await api.put("/route", json=body)).status_code == 200
+    for path in ("/ready", "/prefill_port_table"):
+        report = (await api.get(path)).json()
+        assert len(report["missing_cells"]) == 1000
+        assert report["missing_cells"][:2] == [[0, 0, 0, 0], [0, 0, 1, 0]]
+        assert report["missing_count"] == 16383
+    metrics = (await api.get("/metrics")).text
+    assert "prefill_bootstrap_missing_cells 16383.0" in metrics
+
+
+@pytest.mark.parametrize(
+    ("offered", "served"),
+    [
+        ("10.0.0.1", "10.0.0.1"),
+        ("0:0:0:0:0:0:0:1", "::1"),
+        ("FD00::0001", "fd00::1"),
+        ("fe80::1%eth0", "fe80::1%eth0"),
+        (
+            "prefill-0.prefill.default.svc.cluster.local",
+            "prefill-0.prefill.default.svc.cluster.local",
+        ),
+    ],
+)
+async def test_ip_literals_are_served_normalised_and_host_names_as_given(
+    api: httpx.AsyncClient, offered: str, served: str
+) -> None:
+    body = sglang_registration(attn_tp_size=1, rank_ip=offered)
+    assert (await api.put("/route", json=body)).status_code == 200
+    answer = await api.get("/route", params=cell_query(0, 0, 0, 0))
+    assert answer.json() == {"rank_ip": served, "rank_port": 41000}

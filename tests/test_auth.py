@@ -120,3 +120,14 @@ def test_sglangs_proposed_environment_variable_sets_the_token(
     monkeypatch.setenv("SGLANG_DISAGGREGATION_BOOTSTRAP_AUTH_TOKEN", "from-sglang")
     token = ServerSettings().auth_token
     assert token is not None and token.get_secret_value() == "from-sglang"
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "bEaReR"])
+async def test_the_bearer_scheme_is_case_insensitive(
+    app_factory: Callable[..., Any], scheme: str
+) -> None:
+    app = app_factory(auth_token=TOKEN)
+    async with asgi_client(app, authorization=f"{scheme} {TOKEN}") as client:
+        assert (await client.put("/route", json=sglang_registration())).status_code == 200
+    async with asgi_client(app, authorization=f"{scheme} {TOKEN}x") as client:
+        assert (await client.put("/route", json=sglang_registration())).status_code == 401

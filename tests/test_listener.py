@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import resource
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -30,6 +31,7 @@ class Connection(asyncio.Protocol):
         self.accepted.append(self)
 
     def data_received(self, data: bytes) -> None:
+        self.slot.heard = True
         if b"answer" in data:
             self.slot.release()
 
@@ -68,13 +70,20 @@ class Harness:
 async def listening() -> AsyncIterator[Callable[..., Harness]]:
     made: list[tuple[AdmissionListener, socket.socket, Harness]] = []
 
-    def start(limit: int, slot_seconds: float = 30.0) -> Harness:
+    def start(
+        limit: int, slot_seconds: float = 30.0, silent_seconds: float | None = None
+    ) -> Harness:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         sock.listen(64)
         accepted: list[Connection] = []
         listener = AdmissionListener(
-            sock, lambda slot: Connection(slot, accepted), limit=limit, slot_seconds=slot_seconds
+            sock,
+            lambda slot: Connection(slot, accepted),
+            limit=limit,
+            slot_seconds=slot_seconds,
+            # most of these clients stay silent on purpose
+            silent_seconds=slot_seconds if silent_seconds is None else silent_seconds,
         )
         listener.start()
         harness = Harness(listener, sock.getsockname()[1], accepted)
@@ -248,3 +257,38 @@ async def test_a_storm_far_larger_than_the_limit_registers_every_rank(
         answers = await asyncio.gather(*(client.put("/route", json=body) for body in bodies))
         assert [answer.status_code for answer in answers] == [200] * 64
         assert (await client.get("/ready")).status_code == 200
+
+
+async def test_a_silent_new_connection_gives_its_slot_back_early_but_a_talking_one_keeps_it(
+    listening: Callable[..., Harness],
+) -> None:
+    harness = listening(limit=1, silent_seconds=0.2)
+    [talking] = await harness.connect(1)
+    talking.write(b"a request still in progress")
+    await harness.accepted_count(1)
+    await harness.connect(1)
+    assert await harness.accepted_count(2, within=1.0) == 1, "a talking client keeps its slot"
+    talking.write(b"answer")
+    assert await harness.accepted_count(2) == 2
+    await harness.connect(1)
+    assert await harness.accepted_count(3, within=3.0) == 3, "the silent one gave its slot back"
+    assert not harness.accepted[1].lost
+
+
+async def test_idle_connections_do_not_hold_a_new_request_for_long(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"needs 2048 open files, the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    server = server_factory()  # started after raising the limit: it inherits it
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(1000)]
+    try:
+        started = time.monotonic()
+        async with httpx.AsyncClient(timeout=30) as client:
+            assert (await client.get(f"{server.url}/health")).status_code == 200
+        assert time.monotonic() - started < 4  # was ~8 s: four windows of 256 held 2 s each
+    finally:
+        for sock in idle:
+            sock.close()

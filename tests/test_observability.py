@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from prefill_bootstrap.service.logs import JsonFormatter
-from tests.conftest import asgi_client, cell_query, sglang_registration
+from prefill_bootstrap.service.logs import JsonFormatter, redact_query
+from tests.conftest import ServerProcess, asgi_client, cell_query, sglang_registration
 
 pytestmark = pytest.mark.anyio
 
@@ -137,3 +139,38 @@ async def test_a_storm_logs_the_table_complete_once_however_its_commits_are_batc
     assert [r.getMessage() for r in completions] == [
         "The port table is complete: all 32 cells registered."
     ]
+
+
+@pytest.mark.parametrize(
+    ("target", "logged"),
+    [
+        ("/health", "/health"),
+        ("/route?prefill_dp_rank=0&target_tp_rank=1", "/route?prefill_dp_rank=0&target_tp_rank=1"),
+        ("/ready?token=abc&wait=1", "/ready?token=REDACTED&wait=1"),
+        (
+            "/x?access_token=a&API_KEY=b&Authorization=c",
+            "/x?access_token=REDACTED&API_KEY=REDACTED&Authorization=REDACTED",
+        ),
+        (
+            "/x?password=p&client_secret=s&sig=z&flag",
+            "/x?password=REDACTED&client_secret=REDACTED&sig=REDACTED&flag",
+        ),
+        ("/x?%74oken=encoded", "/x?%74oken=REDACTED"),
+    ],
+)
+def test_credential_like_query_values_are_redacted(target: str, logged: str) -> None:
+    assert redact_query(target) == logged
+
+
+def test_the_access_log_never_shows_a_token_sent_in_the_query(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    server = server_factory("--access-log")
+    response = httpx.get(f"{server.url}/health?token=hunter2&note=kept", timeout=10)
+    assert response.status_code == 200
+    deadline = time.monotonic() + 10
+    while "GET /health" not in server.logs():
+        assert time.monotonic() < deadline, "no access log line"
+        time.sleep(0.02)
+    assert "hunter2" not in server.logs()
+    assert "/health?token=REDACTED&note=kept" in server.logs()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,3 +140,48 @@ def test_a_failed_write_fails_every_waiting_future_and_the_writer_keeps_going() 
         writer.submit(["x"]).result(timeout=10)
     writer.submit([new_instance_id()]).result(timeout=10)
     writer.close()
+
+
+def test_one_change_the_store_cannot_take_fails_alone_not_the_commit_it_shares() -> None:
+    class Picky(MemoryStore):
+        """Blocks its first write until released; refuses any batch holding the poison id."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.writing, self.release = threading.Event(), threading.Event()
+
+        def write(self, changes):  # type: ignore[no-untyped-def]
+            if not self.writing.is_set():
+                self.writing.set()
+                self.release.wait(timeout=30)
+            if "poison" in changes:
+                raise TypeError("Recursion limit reached")
+            super().write(changes)
+
+    store = Picky()
+    writer = GroupCommitWriter(store)
+    first = writer.submit(["a"])
+    assert store.writing.wait(timeout=10)
+    queued = [writer.submit(["b"]), writer.submit(["poison"]), writer.submit(["c"])]
+    store.release.set()
+    first.result(timeout=10)
+    queued[0].result(timeout=10)
+    with pytest.raises(StateStoreError, match="Recursion limit"):
+        queued[1].result(timeout=10)
+    queued[2].result(timeout=10)
+    assert store.load().instance_id == "c"
+    writer.close()
+
+
+def test_a_stored_group_larger_than_the_cell_cap_is_refused_at_start_with_both_remedies() -> None:
+    from prefill_bootstrap.service import ServerSettings, create_app
+
+    store = MemoryStore()
+    table = PortTable()
+    done = table.register(
+        RankRegistration.model_validate(sglang_registration(attn_tp_size=64)), 1.0
+    )
+    store.write([done.topology, done.record])
+    with pytest.raises(StateStoreError, match="64 cells") as refused:
+        create_app(ServerSettings(state_dir=None, max_cells=32), store)
+    assert "--max-cells" in str(refused.value) and "--reset" in str(refused.value)

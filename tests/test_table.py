@@ -264,3 +264,42 @@ def test_a_snapshot_restores_an_equal_table() -> None:
     restored = PortTable.restore(table.snapshot())
     assert restored.snapshot() == table.snapshot()
     assert restored.is_complete
+
+
+def test_a_planned_registration_is_served_only_once_committed() -> None:
+    table = PortTable()
+    planned = table.plan(rank(attn_tp_rank=0), now=1.0)
+    assert table.topology is None and table.registered_count == 0
+    assert table.in_flight == 1
+    done = table.commit(planned)
+    assert done.topology_changed and table.lookup(Cell(0, 0, 0, 0)) == done.record
+    assert table.in_flight == 0
+
+
+def test_an_abandoned_plan_leaves_nothing_behind() -> None:
+    table = PortTable()
+    table.abandon(table.plan(rank(attn_tp_rank=0), now=1.0))
+    assert table.topology is None and table.registered_count == 0 and table.in_flight == 0
+    again = table.plan(rank(attn_tp_rank=0), now=2.0)
+    assert again.topology_changed and again.outcome is Outcome.NEW
+
+
+def test_a_plan_in_flight_establishes_the_topology_for_the_plans_behind_it() -> None:
+    table = PortTable()
+    table.plan(rank(attn_tp_size=2, attn_tp_rank=0), now=1.0)
+    with pytest.raises(TopologyConflict):
+        table.plan(rank(attn_tp_size=4, attn_tp_rank=1), now=1.0)
+
+
+def test_a_state_stored_without_its_topology_heals_on_the_next_registration() -> None:
+    """Servers before issue 17's fix could store cells but lose the topology for good."""
+    from prefill_bootstrap.service.table import Snapshot
+
+    old = PortTable()
+    for tp in range(3):
+        old.register(rank(attn_tp_size=4, attn_tp_rank=tp, rank_port=41000 + tp), now=1.0)
+    table = PortTable.restore(Snapshot(None, old.snapshot().cells))
+    assert table.expected_count is None and not table.is_complete
+    done = table.register(rank(attn_tp_size=4, attn_tp_rank=3, rank_port=41003), now=2.0)
+    assert done.topology_changed and done.completed
+    assert table.missing_cells() == [] and table.missing_count == 0
