@@ -84,7 +84,7 @@ def test_endless_unfinished_headers_are_cut_off_without_growing_the_server(
     assert rss_kib(server) - before < 40_000
     started = time.monotonic()
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 2  # was 3.8-4.2 s before the limit
 
 
 def test_headers_not_finished_in_time_get_408_and_the_connection_closes(
