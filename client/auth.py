@@ -14,7 +14,8 @@ AUTH_TOKEN_VARIABLES = AliasChoices(
 
 
 def blank_is_none(cls: type, value: object) -> object:
-    """An empty or blank token (an unset variable rendered by a template) means no token."""
-    if isinstance(value, str) and not value.strip():
-        return None
+    """An empty or blank token (an unset variable rendered by a template) means no token, and
+    surrounding whitespace (the newline a secret file ends with) is not part of a token."""
+    if isinstance(value, str):
+        return value.strip() or None
     return value

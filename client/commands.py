@@ -15,7 +15,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from pydantic import ValidationError
 
@@ -24,8 +24,11 @@ from prefill_bootstrap.client.grid import render_table
 from prefill_bootstrap.client.protocol import RankRegistration
 
 if TYPE_CHECKING:
+    from pydantic_settings import BaseSettings
+
     from prefill_bootstrap.client.http import BootstrapClient
-    from prefill_bootstrap.client.settings import ClientSettings
+
+SettingsT = TypeVar("SettingsT", bound="BaseSettings")
 
 # The HTTP client stack (httpx, tenacity) is imported by the commands that use it, not here:
 # ``prefill-bootstrap serve`` builds this parser too, and the server never needs that stack.
@@ -112,25 +115,22 @@ def _logging_to_stderr(args: argparse.Namespace) -> Iterator[None]:
         logger.setLevel(previous)
 
 
-def _settings(args: argparse.Namespace) -> ClientSettings:
+def _settings(args: argparse.Namespace, kind: type[SettingsT]) -> SettingsT:
+    """``kind`` from flags over ``PREFILL_BOOTSTRAP_*`` over defaults; exit 2 naming the field."""
     from prefill_bootstrap.client.http import describe_invalid
-    from prefill_bootstrap.client.settings import ClientSettings
 
-    fields = (
-        "url", "auth_token", "cacert", "request_timeout_seconds", "retry_deadline_seconds",
-        "retry_attempts", "wait_timeout_seconds",
-    )  # fmt: skip
-    given = {name: getattr(args, name, None) for name in fields}
+    given = {name: getattr(args, name, None) for name in kind.model_fields}
     try:
-        return ClientSettings(**{name: value for name, value in given.items() if value is not None})
+        return kind(**{name: value for name, value in given.items() if value is not None})
     except ValidationError as exc:
-        _usage(args, f"invalid option: {describe_invalid(exc)}")
+        _usage(args, f"invalid option or PREFILL_BOOTSTRAP_* variable: {describe_invalid(exc)}")
 
 
 def _client(args: argparse.Namespace) -> BootstrapClient:
     from prefill_bootstrap.client.http import BootstrapClient
+    from prefill_bootstrap.client.settings import ClientSettings
 
-    settings = _settings(args)
+    settings = _settings(args, ClientSettings)
     try:
         return BootstrapClient(
             settings.url,
@@ -177,17 +177,21 @@ def _run_register(args: argparse.Namespace) -> int:
 
 
 def _run_wait(args: argparse.Namespace) -> int:
-    timeout = _settings(args).wait_timeout_seconds
+    from prefill_bootstrap.client.settings import WaitSettings
+
+    timeout = _settings(args, WaitSettings).wait_timeout_seconds
     with _client(args) as client, _logging_to_stderr(args):
         if args.json:
             print(client.wait_until_complete(timeout).model_dump_json(indent=2))
             return 0
         ready = client.wait_until_ready(timeout)
-        what = "prefill port table" if ready.server == "prefill-bootstrap" else f"{ready.server}"
-        print(
-            f"{what} at {client.base_url} is complete: "
-            f"{ready.registered_cells} of {ready.expected_cells} cells registered"
-        )
+        if ready.registered_cells is None:  # SGLang's own server: it only says "complete"
+            print(f"prefill group at {client.base_url} is complete ({ready.server} answered)")
+        else:
+            print(
+                f"prefill port table at {client.base_url} is complete: "
+                f"{ready.registered_cells} of {ready.expected_cells} cells registered"
+            )
     return 0
 
 
@@ -248,6 +252,7 @@ def _add_wait(commands: Any, options: argparse.ArgumentParser) -> None:
     wait.add_argument(
         "--timeout",
         dest="wait_timeout_seconds",
+        metavar="SECONDS",
         type=float,
         help="seconds (300; PREFILL_BOOTSTRAP_WAIT_TIMEOUT_SECONDS)",
     )

@@ -138,11 +138,13 @@ class Readiness:
     server: str
     expected_cells: int | None
     registered_cells: int | None
+    """None where the server does not count cells (SGLang's built-in one)."""
 
 
 @dataclass
 class WaitPlan:
-    """The clock of ``wait_until_complete``, shared by both clients."""
+    """The clock of a wait (``wait_until_complete``, ``wait_until_ready``), shared by both
+    clients."""
 
     timeout: float
     started: float = field(default_factory=time.monotonic)
@@ -195,6 +197,12 @@ class Core:
         self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
         self.timeout = timeout
         self.retry = retry
+        if auth_token and not all(" " <= char <= "~" for char in auth_token):
+            # Never echo it: the message ends up in logs.
+            raise ConfigurationError(
+                "the auth token holds a character an HTTP header cannot carry (a control "
+                "character, a line break or non-ASCII): check the secret's value"
+            )
         self.headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
         self.who = f"Rank {rank}" if rank is not None else "The bootstrap client"
 
@@ -453,8 +461,8 @@ class Core:
             BUILTIN_SERVER,
             plan.elapsed(),
         )
-        expected = probe.expected_cells
-        return Readiness(self.base_url, BUILTIN_SERVER, expected, expected)
+        # That server only says "complete" (it counts registrations, not distinct cells).
+        return Readiness(self.base_url, BUILTIN_SERVER, probe.expected_cells, None)
 
     def incomplete_at_builtin(
         self, probe: ServerInfoProbe, plan: WaitPlan, expected_cells: int | None

@@ -161,10 +161,10 @@ class TableIncomplete(BootstrapError):
         where = f" at {url}" if url else ""
         waited = f" after {waited_seconds:.1f}s" if waited_seconds is not None else ""
         if server is not None:
-            counted = "an unknown number" if registered_count is None else str(registered_count)
-            of = f" of {expected}" if expected is not None else ""
+            counted = "an unknown number of" if registered_count is None else str(registered_count)
+            of = f" for {expected} cells" if expected is not None else ""
             super().__init__(
-                f"prefill group{where} is incomplete{waited}: {counted}{of} cells registered; "
+                f"prefill group{where} is incomplete{waited}: {counted} registrations{of}; "
                 f"{server} does not say which cells are missing (run prefill-bootstrap serve as "
                 "the bootstrap server to have them named). Check that every prefill rank started "
                 "and reaches the leader's bootstrap port"
@@ -261,8 +261,8 @@ class UnsupportedSGLang(ConfigurationError):
         self.missing = missing
         super().__init__(
             f"prefill-bootstrap's SGLang plugin cannot run on SGLang {release}: {missing}. No hook "
-            "was applied, so this engine registers the stock way; unset PREFILL_BOOTSTRAP_SGLANG, "
-            "or use a supported release (0.5.11 or later)"
+            "was applied; unset PREFILL_BOOTSTRAP_SGLANG to run this release stock, or use a "
+            "supported release (0.5.11 or later)"
         )
 
 
@@ -275,7 +275,7 @@ class PortTableUnavailable(BootstrapError):
         super().__init__(
             f"{url} does not exist (HTTP 404): the server speaks only SGLang's bootstrap protocol "
             "(SGLang's built-in server?), so it cannot list cells; wait_until_ready and "
-            "`prefill-bootstrap wait` still work against it"
+            "`prefill-bootstrap wait` without --json still work against it"
         )
 
 

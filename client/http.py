@@ -127,16 +127,22 @@ class BootstrapClient:
         return self._wait_for_table(WaitPlan(timeout), poll_interval)
 
     def wait_until_ready(
-        self, timeout: float, *, expected_cells: int | None = None, poll_interval: float = 0.5
+        self,
+        timeout: float,
+        *,
+        expected_cells: int | None = None,
+        poll_interval: float = 0.5,
+        builtin_poll_interval: float = BUILTIN_POLL_SECONDS,
     ) -> Readiness:
         """Wait until every cell is registered, at our server or at SGLang's built-in one (which
-        has no table: it is polled for its server info). ``expected_cells``, when the caller
-        knows the group's size, lets the error name it where the server does not."""
+        has no table: it is polled for its server info, every ``builtin_poll_interval``
+        seconds). ``expected_cells``, when the caller knows the group's size, lets the error
+        name it where the server does not."""
         plan = WaitPlan(timeout)
         try:
             return self._core.ready(self._wait_for_table(plan, poll_interval))
         except PortTableUnavailable:
-            return self._wait_for_builtin(plan, expected_cells)
+            return self._wait_for_builtin(plan, expected_cells, builtin_poll_interval)
 
     def _wait_for_table(self, plan: WaitPlan, poll_interval: float) -> TableReport:
         while True:
@@ -151,7 +157,9 @@ class BootstrapClient:
             self._core.waiting(report, plan)
             time.sleep(plan.pause_after(poll_started, poll, poll_interval))
 
-    def _wait_for_builtin(self, plan: WaitPlan, expected_cells: int | None) -> Readiness:
+    def _wait_for_builtin(
+        self, plan: WaitPlan, expected_cells: int | None, interval: float
+    ) -> Readiness:
         while True:
             call = self._core.server_info_probe_call(self._core.retry.within(plan.remaining()))
             probe = self._run(call)
@@ -160,7 +168,7 @@ class BootstrapClient:
             if plan.remaining() <= 0:
                 raise self._core.incomplete_at_builtin(probe, plan, expected_cells)
             self._core.waiting_for_builtin(probe, plan)
-            time.sleep(min(BUILTIN_POLL_SECONDS, plan.remaining()))
+            time.sleep(min(interval, plan.remaining()))
 
 
 class AsyncBootstrapClient:
@@ -237,13 +245,18 @@ class AsyncBootstrapClient:
         return await self._wait_for_table(WaitPlan(timeout), poll_interval)
 
     async def wait_until_ready(
-        self, timeout: float, *, expected_cells: int | None = None, poll_interval: float = 0.5
+        self,
+        timeout: float,
+        *,
+        expected_cells: int | None = None,
+        poll_interval: float = 0.5,
+        builtin_poll_interval: float = BUILTIN_POLL_SECONDS,
     ) -> Readiness:
         plan = WaitPlan(timeout)
         try:
             return self._core.ready(await self._wait_for_table(plan, poll_interval))
         except PortTableUnavailable:
-            return await self._wait_for_builtin(plan, expected_cells)
+            return await self._wait_for_builtin(plan, expected_cells, builtin_poll_interval)
 
     async def _wait_for_table(self, plan: WaitPlan, poll_interval: float) -> TableReport:
         while True:
@@ -258,7 +271,9 @@ class AsyncBootstrapClient:
             self._core.waiting(report, plan)
             await asyncio.sleep(plan.pause_after(poll_started, poll, poll_interval))
 
-    async def _wait_for_builtin(self, plan: WaitPlan, expected_cells: int | None) -> Readiness:
+    async def _wait_for_builtin(
+        self, plan: WaitPlan, expected_cells: int | None, interval: float
+    ) -> Readiness:
         while True:
             call = self._core.server_info_probe_call(self._core.retry.within(plan.remaining()))
             probe = await self._run(call)
@@ -267,4 +282,4 @@ class AsyncBootstrapClient:
             if plan.remaining() <= 0:
                 raise self._core.incomplete_at_builtin(probe, plan, expected_cells)
             self._core.waiting_for_builtin(probe, plan)
-            await asyncio.sleep(min(BUILTIN_POLL_SECONDS, plan.remaining()))
+            await asyncio.sleep(min(interval, plan.remaining()))

@@ -19,7 +19,7 @@ from prefill_bootstrap.client.errors import ConfigurationError
 from prefill_bootstrap.client.protocol import DEFAULT_PORT
 from prefill_bootstrap.client.retry import DEFAULT_RETRY, RetryPolicy
 
-__all__ = ["ClientSettings"]
+__all__ = ["ClientSettings", "WaitSettings"]
 
 
 class ClientSettings(BaseSettings):
@@ -40,9 +40,6 @@ class ClientSettings(BaseSettings):
     request_timeout_seconds: Annotated[float, Field(gt=0)] = DEFAULT_TIMEOUT
     retry_deadline_seconds: Annotated[float, Field(ge=0)] = DEFAULT_RETRY.deadline
     retry_attempts: Annotated[int, Field(ge=1)] = DEFAULT_RETRY.attempts
-    wait_timeout_seconds: Annotated[float, Field(ge=0)] = Field(
-        DEFAULT_WAIT_TIMEOUT, description="how long a rank waits for the whole group"
-    )
 
     _blank_token_is_none = field_validator("auth_token", mode="before")(blank_is_none)
 
@@ -62,3 +59,14 @@ class ClientSettings(BaseSettings):
     @property
     def retry(self) -> RetryPolicy:
         return RetryPolicy(deadline=self.retry_deadline_seconds, attempts=self.retry_attempts)
+
+
+class WaitSettings(BaseSettings):
+    """How long a rank waits for the whole group (``wait`` and the SGLang plugin): its own
+    settings, so a bad value stops only what waits."""
+
+    model_config = SettingsConfigDict(env_prefix="PREFILL_BOOTSTRAP_", frozen=True, extra="ignore")
+
+    wait_timeout_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+        DEFAULT_WAIT_TIMEOUT, description="seconds a rank waits for every cell to be registered"
+    )

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from prefill_bootstrap.client.errors import UnsupportedSGLang
+from prefill_bootstrap.client.errors import ConfigurationError, UnsupportedSGLang
 
 __all__ = ["InlineSend", "ReleaseShape", "Row", "SplitSend", "detect_shape"]
 
@@ -33,6 +33,8 @@ SEND_ROW = "_register_topology_row"
 
 
 class ReleaseShape(Protocol):
+    """How one kind of release sends its rows, and how to take them instead."""
+
     name: str
 
     def capture(self, register: Callable[..., Any], manager: Any) -> list[Row]:
@@ -42,17 +44,27 @@ class ReleaseShape(Protocol):
 
 @dataclass(frozen=True)
 class SplitSend:
+    """The release hands each row to ``_register_topology_row``: an instance attribute of the
+    same name stands in for that sender during the one call."""
+
     name: str = f"rows sent by {SEND_ROW}"
 
     def capture(self, register: Callable[..., Any], manager: Any) -> list[Row]:
         rows: list[Row] = []
-        # An instance attribute shadows the class's sender for this one call only.
-        manager.__dict__[SEND_ROW] = lambda url, payload: rows.append((url, dict(payload)))
+        own = manager.__dict__
+        previous = own.get(SEND_ROW, _ABSENT)
+        own[SEND_ROW] = lambda url, payload: rows.append((url, dict(payload)))
         try:
             register(manager)
         finally:
-            del manager.__dict__[SEND_ROW]
+            if previous is _ABSENT:
+                del own[SEND_ROW]
+            else:
+                own[SEND_ROW] = previous
         return rows
+
+
+_ABSENT = object()
 
 
 class _Outbox:
@@ -73,18 +85,21 @@ class _Outbox:
 
 @dataclass(frozen=True)
 class InlineSend:
+    """The release sends its one row itself with ``requests.put``: its own function runs with
+    ``requests`` naming a recorder, in a private copy of its globals, so nothing outside this
+    call sees the change."""
+
     name: str = f"a row sent inline by {REGISTER}"
 
     def capture(self, register: Callable[..., Any], manager: Any) -> list[Row]:
         if "requests" not in register.__code__.co_names:
-            raise UnsupportedSGLang(
-                "(this process)",
-                f"{REGISTER} is wrapped by another plugin, so its requests.put cannot be taken "
-                "over; load prefill-bootstrap's plugin alone (SGLANG_PLUGINS=prefill_bootstrap)",
+            raise ConfigurationError(
+                f"another SGLang plugin wraps CommonKVManager.{REGISTER} too, so "
+                "prefill-bootstrap's plugin cannot take its requests.put over: load it without "
+                "the other one "
+                "(SGLANG_PLUGINS names the plugins SGLang loads)"
             )
         outbox = _Outbox()
-        # The release's own function, run with ``requests`` naming the outbox: a private copy
-        # of its globals, so nothing outside this call sees the change.
         rebound = types.FunctionType(
             register.__code__,
             {**register.__globals__, "requests": outbox},
@@ -93,6 +108,11 @@ class InlineSend:
             register.__closure__,
         )
         rebound(manager)
+        if not outbox.rows:
+            raise ConfigurationError(
+                f"CommonKVManager.{REGISTER} sent no registration through requests.put, so this "
+                "rank would not be registered; is another SGLang plugin wrapping it?"
+            )
         return outbox.rows
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 __all__ = [
     "HARNESS_DIR",
@@ -67,7 +68,14 @@ _SCRUBBED_PREFIXES = ("PREFILL_BOOTSTRAP_", "SGLANG_", "MASTER_ADDR", "MASTER_PO
 
 @functools.cache
 def sglang_python(version: str) -> Path:
-    """The python of the SGLang `version` test env, building the env first if needed."""
+    """The python of the SGLang `version` test env, building the env first if needed.
+
+    A plain `pytest` in a checkout whose envs were never built skips (a build takes minutes and
+    needs the package index); `make test` builds them first and says which to run.
+    """
+    env = REPO_ROOT / ".cache" / "sglang-envs" / version
+    if not (env / ".stamp").exists() and "TEST_SGLANG_RELEASES" not in os.environ:
+        pytest.skip(f"the SGLang {version} test env is not built: run `make sglang-envs` first")
     done = subprocess.run(
         ["bash", str(ENV_SCRIPT), version],
         cwd=REPO_ROOT,

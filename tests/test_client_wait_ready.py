@@ -15,7 +15,11 @@ import httpx
 import pytest
 
 from prefill_bootstrap.client.core import BUILTIN_SERVER
-from prefill_bootstrap.client.errors import PortTableUnavailable, TableIncomplete
+from prefill_bootstrap.client.errors import (
+    ConfigurationError,
+    PortTableUnavailable,
+    TableIncomplete,
+)
 from prefill_bootstrap.client.http import AsyncBootstrapClient, BootstrapClient
 from prefill_bootstrap.client.retry import RetryPolicy
 from tests.conftest import sglang_registration
@@ -75,19 +79,29 @@ def test_at_our_server_an_incomplete_group_names_the_missing_cell(
     assert caught.value.missing == [(0, 0, 1, 0)]
 
 
+POLL = 0.02
+
+
 def test_at_sglangs_server_the_wait_polls_the_server_info_until_it_answers() -> None:
     client = BootstrapClient(URL, transport=builtin_server([1, 3, 4]), retry=FAST)
-    ready = client.wait_until_ready(10.0)
+    ready = client.wait_until_ready(10.0, builtin_poll_interval=POLL)
     assert (ready.server, ready.expected_cells) == (BUILTIN_SERVER, 4)
+    assert ready.registered_cells is None  # that server counts registrations, not cells
 
 
-def test_at_sglangs_server_an_incomplete_group_says_how_many_registered_of_how_many() -> None:
+def test_at_sglangs_server_an_incomplete_group_says_how_many_registrations_for_how_many() -> None:
     client = BootstrapClient(URL, transport=builtin_server([3]), retry=FAST)
     with pytest.raises(TableIncomplete) as caught:
-        client.wait_until_ready(0.3, expected_cells=4)
+        client.wait_until_ready(0.3, expected_cells=4, builtin_poll_interval=POLL)
     error = caught.value
     assert (error.registered_count, error.expected, error.missing) == (3, 4, [])
-    assert f"3 of 4 cells registered; {BUILTIN_SERVER} does not say which" in str(error)
+    assert f"3 registrations for 4 cells; {BUILTIN_SERVER} does not say which" in str(error)
+
+
+def test_a_token_a_header_cannot_carry_is_refused_without_showing_it() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        BootstrapClient(URL, auth_token="s3cret\nX-Injected: 1")
+    assert "s3cret" not in str(caught.value)
 
 
 def test_the_table_of_a_server_without_one_is_a_clear_error_not_a_retry() -> None:
@@ -106,5 +120,5 @@ async def test_the_async_client_waits_at_sglangs_server_the_same_way() -> None:
     async with AsyncBootstrapClient(
         URL, transport=httpx.MockTransport(answer), retry=FAST
     ) as client:
-        ready = await client.wait_until_ready(10.0)
+        ready = await client.wait_until_ready(10.0, builtin_poll_interval=POLL)
     assert ready.server == BUILTIN_SERVER

@@ -267,13 +267,13 @@ def test_the_engines_register_on_the_port_the_sidecar_owns() -> None:
 def test_every_engine_runs_the_sglang_plugin_with_a_valid_configuration(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from prefill_bootstrap.client.sglang_plugin import read_settings
+    from prefill_bootstrap.client.sglang_plugin import PluginSwitch, read_settings
 
     for role, engine in engines():
         for name, value in env_of(engine).items():
             monkeypatch.setenv(name, value)
+        assert PluginSwitch().sglang, role
         settings = read_settings()
-        assert settings.sglang, role
         assert settings.url_override is None, role  # mode (a): SGLang's own URL is the sidecar
         for name in env_of(engine):
             monkeypatch.delenv(name)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -144,8 +146,9 @@ def test_with_the_plugin_the_table_completes_with_every_ranks_address(
         *NODE_IPS[:1] * 2,
         *NODE_IPS[1:] * 2,
     ]
-    plugin_lines = [line for line in results[2].stderr.splitlines() if "prefill-bootstrap" in line]
-    assert any(f"SGLang plugin is on for SGLang {release}" in line for line in plugin_lines)
+    for result in results:  # the plugin did it, not the release's own port sync
+        assert f"SGLang plugin is on for SGLang {release}" in result.stderr
+        assert f"sees the port table at {leader.url} complete: 4 of 4 cells" in result.stderr
 
 
 class Recorder(BaseHTTPRequestHandler):
@@ -269,9 +272,21 @@ def test_with_the_plugin_the_wait_works_against_sglangs_own_server(
 ) -> None:
     with sglang_bootstrap_server(release) as server:
         results = run_world(release, *prefill_world(server.port, other_port, env=PLUGIN_ON))
+        answered = subprocess.run(
+            [sys.executable, "-m", "prefill_bootstrap.client.cli", "wait", "--url", server.url,
+             "--timeout", "10"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
     assert all(result.ok for result in results), explain(results)
+    for result in results:
+        assert f"sees the prefill group at {server.url} (SGLang's built-in" in result.stderr
     assert sorted((cell["rank_ip"], cell["rank_port"]) for cell in server.cells or []) == sorted(
         (result.result["rank_ip"], result.result["rank_port"]) for result in results
+    )
+    assert (answered.returncode, answered.stdout) == (
+        0,
+        f"prefill group at {server.url} is complete (SGLang's built-in bootstrap server "
+        "answered)\n",
     )
 
 
@@ -286,6 +301,6 @@ def test_with_the_plugin_an_incomplete_group_at_sglangs_own_server_fails_loudly(
         kind, message = error_of(result)
         assert kind == "prefill_bootstrap.client.errors.TableIncomplete", result.describe()
         assert (
-            "3 of 4 cells registered; SGLang's built-in bootstrap server does not say which"
+            "3 registrations for 4 cells; SGLang's built-in bootstrap server does not say which"
             in message
         )

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from prefill_bootstrap.client.errors import UnsupportedSGLang
+from prefill_bootstrap.client.errors import ConfigurationError, UnsupportedSGLang
 from prefill_bootstrap.client.sglang_release import InlineSend, SplitSend, detect_shape
 
 SENT_FOR_REAL: list[Any] = []
@@ -94,5 +94,23 @@ def test_inline_capture_refuses_a_method_another_plugin_wrapped() -> None:
     def wrapper(self: Any) -> None:
         InlineManager.register_to_bootstrap(self)
 
-    with pytest.raises(UnsupportedSGLang, match="wrapped by another plugin"):
+    with pytest.raises(ConfigurationError, match="another SGLang plugin wraps"):
         InlineSend().capture(wrapper, InlineManager())
+
+
+def test_inline_capture_refuses_a_release_that_sent_nothing() -> None:
+    class Silent:
+        def register_to_bootstrap(self) -> None:
+            if False:
+                requests.put("http://10.0.0.1:8998/route")
+
+    with pytest.raises(ConfigurationError, match="sent no registration"):
+        InlineSend().capture(Silent.register_to_bootstrap, Silent())
+
+
+def test_split_capture_puts_back_an_instance_attribute_it_shadowed() -> None:
+    manager = SplitManager()
+    own_sender = object()
+    manager.__dict__["_register_topology_row"] = own_sender
+    SplitSend().capture(SplitManager.register_to_bootstrap, manager)
+    assert manager.__dict__["_register_topology_row"] is own_sender
