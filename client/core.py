@@ -10,8 +10,6 @@ absorbs or a configuration error raised at once, always ``from`` the original.
 from __future__ import annotations
 
 import logging
-import math
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +42,12 @@ from prefill_bootstrap.client.protocol import (
     RankRegistration,
     TableReport,
 )
+from prefill_bootstrap.client.readiness import (
+    BUILTIN_SERVER,
+    Readiness,
+    ServerInfoProbe,
+    read_server_info_probe,
+)
 from prefill_bootstrap.client.retry import (
     RetryPolicy,
     Transient,
@@ -52,16 +56,12 @@ from prefill_bootstrap.client.retry import (
 )
 
 __all__ = [
-    "BUILTIN_POLL_SECONDS",
-    "BUILTIN_SERVER",
     "DEFAULT_TIMEOUT",
     "DEFAULT_WAIT_TIMEOUT",
     "LONG_POLL_SECONDS",
     "Call",
     "Core",
-    "Readiness",
     "Registration",
-    "ServerInfoProbe",
     "WaitPlan",
     "as_registration",
     "describe_invalid",
@@ -77,11 +77,6 @@ idle timeouts of the proxies that sit in front of servers."""
 
 DEFAULT_WAIT_TIMEOUT = 300.0
 """Seconds a rank waits for the whole group: nodes finish loading weights minutes apart."""
-BUILTIN_POLL_SECONDS = 1.0
-"""Pause between polls of a server that cannot long-poll (SGLang's built-in one)."""
-BUILTIN_SERVER = "SGLang's built-in bootstrap server"
-_REGISTERED_COUNT = re.compile(r"\((\d+) workers? registered\)")
-
 T = TypeVar("T")
 Registration = RankRegistration | Mapping[str, Any]
 
@@ -105,40 +100,6 @@ class Call(Generic[T]):
     not_found: Callable[[], BootstrapError] | None = None
     answers: frozenset[int] = frozenset()
     """Statuses besides 2xx that ``read`` understands (a 503 that means "not yet")."""
-
-
-@dataclass(frozen=True)
-class ServerInfoProbe:
-    """One answer of ``GET /route`` with all ranks -1: the info once complete, else the count
-    of registrations the server reported (SGLang's 503 names it)."""
-
-    info: dict[str, Any] | None
-    registered: int | None
-
-    @property
-    def complete(self) -> bool:
-        return self.info is not None
-
-    @property
-    def expected_cells(self) -> int | None:
-        if self.info is None:
-            return None
-        sizes = ("dp_size", "attn_cp_size", "attn_tp_size", "pp_size")
-        try:
-            return math.prod(int(self.info[size]) for size in sizes)
-        except (KeyError, TypeError, ValueError):
-            return None
-
-
-@dataclass(frozen=True)
-class Readiness:
-    """What a waiting rank learns: the group is complete, and at which kind of server."""
-
-    url: str
-    server: str
-    expected_cells: int | None
-    registered_cells: int | None
-    """None where the server does not count cells (SGLang's built-in one)."""
 
 
 @dataclass
@@ -301,7 +262,7 @@ class Core:
             ROUTE_PATH,
             action="ask whether the prefill group is complete",
             noun="server-info request",
-            read=_server_info_probe,
+            read=read_server_info_probe,
             policy=policy,
             timeout=httpx.Timeout(self.timeout),
             params=dict(SERVER_INFO_QUERY),
@@ -503,13 +464,6 @@ def as_registration(registration: Registration) -> RankRegistration:
         return RankRegistration.model_validate(dict(registration))
     except ValidationError as exc:
         raise ConfigurationError(f"invalid registration: {describe_invalid(exc)}") from exc
-
-
-def _server_info_probe(response: httpx.Response) -> ServerInfoProbe:
-    if response.status_code == 200:
-        return ServerInfoProbe(_json_object(response), None)
-    found = _REGISTERED_COUNT.search(response.text)
-    return ServerInfoProbe(None, int(found.group(1)) if found else None)
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any]:

@@ -14,18 +14,17 @@ from typing import Any, TypeVar
 import httpx
 
 from prefill_bootstrap.client.core import (
-    BUILTIN_POLL_SECONDS,
     DEFAULT_TIMEOUT,
     LONG_POLL_SECONDS,
     Call,
     Core,
-    Readiness,
     Registration,
     WaitPlan,
     describe_invalid,
 )
 from prefill_bootstrap.client.errors import PortTableUnavailable
 from prefill_bootstrap.client.protocol import Cell, RankAddress, TableReport
+from prefill_bootstrap.client.readiness import BUILTIN_POLL_SECONDS, Readiness
 from prefill_bootstrap.client.retry import DEFAULT_RETRY, RetryPolicy
 
 __all__ = [

@@ -14,13 +14,13 @@ from typing import Any
 import httpx
 import pytest
 
-from prefill_bootstrap.client.core import BUILTIN_SERVER
 from prefill_bootstrap.client.errors import (
     ConfigurationError,
     PortTableUnavailable,
     TableIncomplete,
 )
 from prefill_bootstrap.client.http import AsyncBootstrapClient, BootstrapClient
+from prefill_bootstrap.client.readiness import BUILTIN_SERVER
 from prefill_bootstrap.client.retry import RetryPolicy
 from tests.conftest import sglang_registration
 
