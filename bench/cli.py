@@ -26,6 +26,7 @@ from bench.report import (
     write_json,
 )
 from bench.server import pin_load_generator, raise_fd_limit
+from bench.waiters import WAIT_PATHS
 
 __all__ = ["main"]
 
@@ -46,6 +47,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, help="duration of each steady-load phase (10)")
     parser.add_argument("--rooms", type=int, help="room registrations in the memory phase (10^6)")
     parser.add_argument("--no-wrk", action="store_true", help="skip the wrk cross-check")
+    parser.add_argument(
+        "--wait-path",
+        choices=sorted(WAIT_PATHS),
+        help="the wait the waiter phases send: ready (the rank client's) or table (before 16)",
+    )
+    parser.add_argument(
+        "--server-source",
+        type=Path,
+        help="run the servers from another checkout (before/after figures on one machine)",
+    )
     parser.add_argument("--out", type=Path, help="JSON file to write (default bench/results/)")
     parser.add_argument(
         "--update-readme",
@@ -72,14 +83,21 @@ def _plan(args: argparse.Namespace) -> Plan:
         changes["memory_rooms"] = args.rooms
     if args.no_wrk:
         changes["use_wrk"] = False
+    if args.wait_path:
+        changes["wait_path"] = args.wait_path
+    if args.server_source:
+        changes["server_source"] = args.server_source.resolve()
     return dataclasses.replace(plan, **changes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.update_readme and (args.smoke or args.phase):
-        parser.error("--update-readme needs a full run: every phase, without --smoke")
+    if args.update_readme and (args.smoke or args.phase or args.server_source or args.wait_path):
+        parser.error(
+            "--update-readme needs a full run of this checkout: every phase, without --smoke, "
+            "--server-source or --wait-path"
+        )
     pinning = pin_load_generator()
     plan = dataclasses.replace(_plan(args), server_cpus=pinning.server_cpus)
     raise_fd_limit()

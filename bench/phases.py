@@ -11,6 +11,7 @@ import shutil
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from bench import wrk
@@ -19,6 +20,7 @@ from bench.payloads import Topology, cell_path
 from bench.server import Server, core_busy, core_times
 from bench.stats import Stat
 from bench.storm import state_commits, storm, verify_table
+from bench.waiters import WaitResult, release_waiters, startup_with_wait
 from bench.wire import new_loop
 
 __all__ = ["PHASES", "Phase", "PhaseResult", "Plan"]
@@ -44,7 +46,13 @@ class Plan:
     memory_ranks: int = 4096
     memory_rooms: int = 1_000_000
     use_wrk: bool = True
+    waiter_sizes: tuple[int, ...] = (512, 1024, 4096)
+    startup_wait_ranks: int = 4096
+    wait_path: str = "ready"
+    """Which wait the waiters send (``bench.waiters.WAIT_PATHS``): the rank client's."""
     server_args: tuple[str, ...] = ()
+    server_source: Path | None = None
+    """Run servers from another checkout (``Server.source``): before/after figures."""
     server_cpus: str | None = None
     """Where servers run (``taskset -c``); the CLI sets it from ``pin_load_generator``."""
     toy: bool = False
@@ -64,6 +72,8 @@ class Plan:
             memory_ranks=64,
             memory_rooms=3000,
             use_wrk=False,
+            waiter_sizes=(64,),
+            startup_wait_ranks=64,
             toy=True,
         )
 
@@ -100,7 +110,9 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 def _server(plan: Plan) -> Server:
-    return Server(extra_args=list(plan.server_args), cpus=plan.server_cpus)
+    return Server(
+        extra_args=list(plan.server_args), cpus=plan.server_cpus, source=plan.server_source
+    )
 
 
 def startup(plan: Plan) -> PhaseResult:
@@ -276,12 +288,53 @@ def memory(plan: Plan) -> PhaseResult:
     return result
 
 
+def _wait_figures(outcome: WaitResult, key: str) -> dict[str, float]:
+    summary = outcome.summary()
+    return {
+        f"{name}_{key}": summary[name]
+        for name in (
+            "first_s", "p50_s", "p99_s", "max_s", "bytes_per_waiter", "server_cpu_seconds",
+            "peak_rss_mb", "parked_kb_per_waiter",
+        )
+    }  # fmt: skip
+
+
+def waiters(plan: Plan) -> PhaseResult:
+    """N ranks parked on the completeness wait, then the last registration (issue 16)."""
+    result = PhaseResult("waiters")
+    for count in plan.waiter_sizes:
+        for _ in range(plan.runs):
+            with _server(plan) as server:
+                outcome = release_waiters(server, count, plan.wait_path)
+            result.add(_wait_figures(outcome, str(count)))
+            result.runs.append(outcome.summary())
+            if outcome.problems:
+                result.problems.append(f"{count} waiters: {dict(outcome.problems)}")
+    return result
+
+
+def startup_wait(plan: Plan) -> PhaseResult:
+    """The whole start-up of N ranks: each registers, then waits for the complete table."""
+    result = PhaseResult("startup_wait")
+    count = plan.startup_wait_ranks
+    for _ in range(plan.runs):
+        with _server(plan) as server:
+            outcome = startup_with_wait(server, count, plan.wait_path)
+        result.add(_wait_figures(outcome, str(count)))
+        result.runs.append(outcome.summary())
+        if outcome.problems:
+            result.problems.append(f"{count}-rank start-up: {dict(outcome.problems)}")
+    return result
+
+
 PHASES: dict[str, Phase] = {
     "startup": startup,
     "storm": storms,
     "storm_capped": capped_storm,
     "steady_load": steady_load,
     "memory": memory,
+    "waiters": waiters,
+    "startup_wait": startup_wait,
 }
 
 

@@ -22,6 +22,7 @@ import orjson
 
 from bench.phases import PhaseResult, Plan
 from bench.stats import Stat
+from bench.waiters import WAIT_PATHS
 
 __all__ = [
     "README_END",
@@ -140,6 +141,7 @@ def rows(results: dict[str, PhaseResult], plan: Plan) -> list[Row]:
                 _met(seconds, lambda v, limit=limit: v <= limit) if limit else "-",
             )
         )
+    out += _wait_rows(plan, stat, show)
     capped = stat("storm_capped", f"seconds_{plan.capped_ranks}_capped_{plan.capped_in_flight}")
     as_issue = (plan.capped_ranks, plan.capped_in_flight) == (512, 64)
     out.append(
@@ -226,6 +228,58 @@ def rows(results: dict[str, PhaseResult], plan: Plan) -> list[Row]:
     )
     if plan.toy:
         out = [dataclasses.replace(row, met="-") for row in out]
+    return out
+
+
+def _wait_rows(
+    plan: Plan,
+    stat: Callable[[str, str], Stat | None],
+    show: Callable[[Stat | None, int, str], str],
+) -> list[Row]:
+    """Issue 16: parked waiters answered at completion, and the whole start-up with its wait."""
+    out: list[Row] = []
+    path = WAIT_PATHS[plan.wait_path]
+    for count in plan.waiter_sizes:
+        key = str(count)
+        longest, p99 = stat("waiters", f"max_s_{key}"), stat("waiters", f"p99_s_{key}")
+        first, sent = stat("waiters", f"first_s_{key}"), stat("waiters", f"bytes_per_waiter_{key}")
+        rss, cpu = (
+            stat("waiters", f"peak_rss_mb_{key}"),
+            stat("waiters", f"server_cpu_seconds_{key}"),
+        )
+        parked = stat("waiters", f"parked_kb_per_waiter_{key}")
+        met = "-"
+        if count == 4096 and longest and p99 and first and sent and rss and longest.runs:
+            met = "yes" if (
+                longest.median <= 0.5 and p99.median <= 0.3 and first.median <= 0.05
+                and sent.median <= 2048 and rss.median <= 120
+            ) else "no"  # fmt: skip
+        out.append(
+            Row(
+                f"{count} waiters on `{path}`, last registration → all answered",
+                f"all {show(longest, 3, 's')}; p99 {show(p99, 3, 's')}; first "
+                f"{show(first, 4, 's')}; {show(sent, 0, 'B')}/waiter; server CPU "
+                f"{show(cpu, 2, 's')}; peak RSS {show(rss, 0, 'MB')}; parked "
+                f"{show(parked, 1, 'KB')}/waiter",
+                "-",
+                "all ≤ 0.5 s, p99 ≤ 0.3 s, first ≤ 50 ms, ≤ 2 KB/waiter, RSS ≤ 120 MB"
+                if count == 4096
+                else "-",
+                met,
+            )
+        )
+    count = plan.startup_wait_ranks
+    longest = stat("startup_wait", f"max_s_{count}")
+    rss = stat("startup_wait", f"peak_rss_mb_{count}")
+    out.append(
+        Row(
+            f"start-up: {count} ranks register, then wait on `{path}` → last rank returns",
+            f"{show(longest, 3, 's')}; peak RSS {show(rss, 0, 'MB')}",
+            "-",
+            "≤ 1.5 s" if count == 4096 else "-",
+            _met(longest, lambda v: v <= 1.5) if count == 4096 else "-",
+        )
+    )
     return out
 
 

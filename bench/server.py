@@ -126,6 +126,9 @@ class Server:
     cpus: str | None = None
     """``taskset -c`` list (see ``pin_load_generator``); None inherits this process's cores."""
     durable: bool = True
+    source: Path | None = None
+    """Another checkout to run the server from (its ``client/`` and ``service/``), so the same
+    benchmark measures the code before a change beside the code after it."""
     affinity: list[int] = field(default_factory=list)
     """The cores the running server may use, read back from the kernel."""
     port: int = 0
@@ -168,7 +171,9 @@ class Server:
         self.port = free_port()
         with self.log_path.open("wb") as log:
             self.started_at = time.perf_counter()
-            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, env=self._environment()
+            )
         deadline = self.started_at + START_DEADLINE
         while time.perf_counter() < deadline:
             if self.process.poll() is not None:
@@ -180,6 +185,20 @@ class Server:
             time.sleep(0.002)
         self.stop()
         raise RuntimeError(f"server not healthy within {START_DEADLINE}s:\n{self.logs()}")
+
+    def _environment(self) -> dict[str, str] | None:
+        """With ``source``, a package laid out as the editable install lays it out, first on
+        the path: Python's path finder runs before the editable install's finder."""
+        if self.source is None:
+            return None
+        assert self._workdir is not None
+        root = Path(self._workdir.name) / "source"
+        package = root / "prefill_bootstrap"
+        package.mkdir(parents=True)
+        (package / "__init__.py").symlink_to(self.source / "prefill_bootstrap" / "__init__.py")
+        for name in ("client", "service"):
+            (package / name).symlink_to(self.source / name, target_is_directory=True)
+        return {**os.environ, "PYTHONPATH": str(root)}
 
     def memory(self) -> dict[str, float]:
         return memory_mb(self.pid)

@@ -47,13 +47,17 @@ def test_bench_smoke_runs_every_phase_without_errors(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
     phases = report["phases"]
-    assert set(phases) == {"startup", "storm", "storm_capped", "steady_load", "memory"}
+    assert set(phases) == {
+        "startup", "storm", "storm_capped", "steady_load", "memory", "waiters", "startup_wait",
+    }  # fmt: skip
     assert all(not phase["problems"] for phase in phases.values())
     storm_runs = phases["storm"]["runs"] + phases["storm_capped"]["runs"]
     assert storm_runs and all(run["failures"] == 0 for run in storm_runs)
     if {0, 1} <= os.sched_getaffinity(0):  # two cores: server and load generator never share
         assert report["machine"]["load_generator_affinity"] == [1]
         assert all(run["server_affinity"] == [0] for run in phases["startup"]["runs"])
+    for run in phases["waiters"]["runs"] + phases["startup_wait"]["runs"]:
+        assert run["answered"] == run["waiters"] and not run["problems"]
     (run,) = phases["steady_load"]["runs"]
     for workload in ("route", "health", "dp_rank_pairs"):
         assert run[workload]["requests"] > 0
