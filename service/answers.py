@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from pydantic import ValidationError
+from annotated_types import Ge, Le
+from pydantic import TypeAdapter, ValidationError
 
 from prefill_bootstrap.client.errors import (
     CellNotFound,
@@ -46,12 +47,17 @@ from prefill_bootstrap.service.replies import (
     reply_for,
     validation_reply,
 )
+from prefill_bootstrap.service.report import readiness, table_report
 from prefill_bootstrap.service.table import older_server_info
 
 __all__ = [
+    "WaitSeconds",
     "health",
+    "long_poll_seconds",
     "parse_registration",
+    "port_table",
     "query_dp_ranks",
+    "ready",
     "register",
     "register_dp_rank",
     "route_lookup",
@@ -73,6 +79,37 @@ def _invalid(field: str, problem: str, location: str = "body") -> Reply:
 
 def health() -> Reply:
     return OK
+
+
+WaitSeconds = Annotated[float, Ge(0), Le(3600)]
+"""``?wait=`` of ``/ready`` and ``/prefill_port_table``: the one declaration both doors check
+(the FastAPI routes and their OpenAPI schema, and the lean door)."""
+_WAIT_SECONDS: TypeAdapter[float] = TypeAdapter(WaitSeconds)
+
+
+def long_poll_seconds(params: Mapping[str, str]) -> float | Reply:
+    """How long a read may wait for the table to complete (0 when not asked), or the 422."""
+    raw = params.get("wait")
+    if raw is None:
+        return 0.0
+    try:
+        return _WAIT_SECONDS.validate_strings(raw)
+    except ValidationError as exc:
+        return validation_reply([{**error, "loc": ("query", "wait")} for error in exc.errors()])
+
+
+def ready(registry: Registry) -> Reply:
+    """``GET /ready``: 200 once every cell is live, else 503 naming what is missing. One
+    serialisation per state of the group, shared by every waiter and probe."""
+    registry.expire_leases()
+    body = registry.cached("ready", lambda: readiness(registry))
+    return Reply(200 if registry.table.is_complete else 503, body)
+
+
+def port_table(registry: Registry) -> Reply:
+    """``GET /prefill_port_table``: the whole table (always 200)."""
+    registry.expire_leases()
+    return Reply(200, registry.cached("table", lambda: table_report(registry)))
 
 
 def _not_ready(registry: Registry) -> Reply:
@@ -97,7 +134,9 @@ def _parse_ranks(params: Mapping[str, str], names: tuple[str, ...]) -> list[int]
     if any(rank != -1 for rank in ranks):
         for name, rank in zip(names, ranks, strict=True):
             if rank < 0:
-                return _invalid(name, f"{rank} is negative (only all -1 ask for server info)")
+                return _invalid(
+                    name, f"{rank} is negative (only all -1 ask for server info)", "query"
+                )
     return ranks
 
 

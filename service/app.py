@@ -41,7 +41,6 @@ from prefill_bootstrap.service.http_errors import (
 from prefill_bootstrap.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from prefill_bootstrap.service.metrics import render as render_metrics
 from prefill_bootstrap.service.registry import Registry
-from prefill_bootstrap.service.report import readiness, table_report
 from prefill_bootstrap.service.settings import ServerSettings
 from prefill_bootstrap.service.store import StateStore, open_store
 from prefill_bootstrap.service.ui_routes import install_ui
@@ -80,9 +79,9 @@ async def _parse(request: Request, model: type[Body]) -> Body:
         raise _invalid_body(exc) from exc
 
 
-WaitSeconds = Annotated[
-    float,
-    Query(ge=0, le=3600, description="long-poll: answer as soon as complete, or after this long"),
+WaitQuery = Annotated[
+    answers.WaitSeconds,
+    Query(description="long poll: answer as soon as complete, or after this long"),
 ]
 
 
@@ -224,23 +223,20 @@ def create_app(
         summary="Readiness: 200 only when every cell of the topology is registered.",
         responses={503: {"description": "incomplete; the body lists the missing cells"}},
     )
-    async def ready(wait: WaitSeconds = 0) -> Response:
+    async def ready(wait: WaitQuery = 0) -> Response:
         registry.expire_leases()
-        if wait:
-            await registry.wait_until_complete(wait)
-        body = readiness(registry)
-        return json_response(body, 200 if body["ready"] else 503)
+        await registry.wait_until_complete(wait)
+        return reply_response(answers.ready(registry))
 
     @app.get(
         "/prefill_port_table",
         summary="The whole port table for humans and scripts.",
         response_model=TableReport,
     )
-    async def prefill_port_table(wait: WaitSeconds = 0) -> Response:
+    async def prefill_port_table(wait: WaitQuery = 0) -> Response:
         registry.expire_leases()
-        if wait:
-            await registry.wait_until_complete(wait)
-        return json_response(table_report(registry))
+        await registry.wait_until_complete(wait)
+        return reply_response(answers.port_table(registry))
 
     @app.delete(
         "/prefill_port_table",

@@ -6,7 +6,9 @@ header on every response, and times the request for ``/metrics``. And it answers
 hot routes (``GET /route``, ``GET /health``, ``POST /register_dp_rank``, ``POST
 /query_dp_ranks``) itself, with the same answer functions the FastAPI routes use: FastAPI's
 per-request routing and validation cost several times the work of these answers, and decode
-workers call them once per request served.
+workers call them once per request served. So are the reads every rank of a group makes at
+start-up, ``GET /ready`` and ``GET /prefill_port_table``, whose long polls (``?wait=``) park
+thousands of ranks at once.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from prefill_bootstrap.service import answers
 from prefill_bootstrap.service.registry import Registry
 from prefill_bootstrap.service.replies import Reply, error_reply
 from prefill_bootstrap.service.ui_routes import UI_PATHS
+from prefill_bootstrap.service.waiters import Parked
 
 __all__ = ["INSTANCE_HEADER", "FrontDoor"]
 
@@ -42,8 +45,11 @@ _HOT = frozenset(
         ("GET", "/health"),
         ("POST", "/register_dp_rank"),
         ("POST", "/query_dp_ranks"),
+        ("GET", "/ready"),
+        ("GET", "/prefill_port_table"),
     }
 )
+_LONG_POLLS = frozenset({"/ready", "/prefill_port_table"})
 _REGISTRATION = ("PUT", "/route")
 _WRITES = frozenset(
     {
@@ -67,6 +73,10 @@ def _bearer_token(credentials: bytes) -> bytes:
     and ``BEARER`` count too. Anything else yields no token."""
     scheme, _, token = credentials.partition(b" ")
     return token.strip(b" ") if scheme.lower() == b"bearer" else b""
+
+
+def _params(query: bytes) -> dict[str, str]:
+    return dict(parse_qsl(query.decode("latin-1"), keep_blank_values=True))
 
 
 class BodyTooLarge(Exception):
@@ -167,14 +177,34 @@ class FrontDoor:
     async def register(self, body: bytes) -> Reply:
         return await answers.register(self.registry, body)
 
+    def long_poll(self, method: str, path: str, query: bytes) -> float | None:
+        """Seconds a hot read must wait before it is answered (a long poll on an incomplete
+        table), or None: answer at once (``hot_reply``, which also refuses a bad ``wait``)."""
+        if method != "GET" or path not in _LONG_POLLS:
+            return None
+        seconds = answers.long_poll_seconds(_params(query))
+        if isinstance(seconds, Reply) or not self.registry.must_wait(seconds):
+            return None
+        return seconds
+
+    def park(self, seconds: float, on_wake: Callable[[], None]) -> Parked:
+        return self.registry.park_until_complete(seconds, on_wake)
+
+    def long_poll_reply(self, path: str) -> Reply:
+        if path == "/ready":
+            return answers.ready(self.registry)
+        return answers.port_table(self.registry)
+
     def hot_reply(self, method: str, path: str, query: bytes, body: bytes) -> Reply:
         """The answer of a hot route, once the token (if any) was checked and the body read."""
         registry = self.registry
         if path == "/route":
-            params = dict(parse_qsl(query.decode("latin-1"), keep_blank_values=True))
-            return answers.route_lookup(registry, params)
+            return answers.route_lookup(registry, _params(query))
         if path == "/health":
             return answers.health()
+        if path in _LONG_POLLS:
+            seconds = answers.long_poll_seconds(_params(query))
+            return seconds if isinstance(seconds, Reply) else self.long_poll_reply(path)
         if path == "/register_dp_rank":
             return answers.register_dp_rank(registry, body, registry.clock())
         return answers.query_dp_ranks(registry, body, registry.clock())
@@ -222,7 +252,12 @@ class FrontDoor:
                 return 499
             receive = _replay(body, receive)
         if self.is_hot(method, path):
-            return await self._send(send, self.hot_reply(method, path, scope["query_string"], body))
+            query = scope["query_string"]
+            seconds = self.long_poll(method, path, query)
+            if seconds is not None:
+                await self.registry.wait_until_complete(seconds)
+                return await self._send(send, self.long_poll_reply(path))
+            return await self._send(send, self.hot_reply(method, path, query, body))
         if self.is_registration(method, path):
             # Registrations arrive as a storm at start-up; FastAPI's routing was most of their cost.
             return await self._send(send, await self.register(body))

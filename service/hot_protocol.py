@@ -6,8 +6,11 @@ request/response cycle, an event, a task, and two socket writes (headers, then b
 requests are answered straight from the parser's callbacks with one write, through the same
 ``FrontDoor`` methods the ASGI path uses (token check, answer, metrics), so both doors answer the
 same bytes. ``PUT /route`` (the start-up storm) is answered the same way once its registration is
-durable: a task awaits the disk, and while it does, a placeholder holds uvicorn's cycle slot, so a
-request pipelined behind it waits its turn as it would behind any cycle. Anything unusual
+durable (a task awaits the disk), and a long poll (``GET /ready?wait=``) once the table completes
+(a callback parked with the registry, no task: ``waiters.py``). Meanwhile a placeholder holds
+uvicorn's cycle slot, so a request pipelined behind it waits its turn as it would behind any
+cycle. A parked long poll whose client goes away is unparked at once, so abandoned waits hold no
+memory; a registration whose client goes away stands. Anything unusual
 (HTTP/1.0, ``Connection: close``, ``Expect``, pipelining, access logging) takes uvicorn's normal
 path, as does every other route.
 
@@ -35,6 +38,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from prefill_bootstrap.service.fastpath import INSTANCE_HEADER, FrontDoor
 from prefill_bootstrap.service.listener import Slot
 from prefill_bootstrap.service.replies import Reply, error_reply
+from prefill_bootstrap.service.waiters import Parked
 
 __all__ = ["hot_path_protocol"]
 
@@ -46,8 +50,9 @@ class _NoWaiters:
         """uvicorn sets a lost connection's cycle event; nothing waits on a placeholder's."""
 
 
-class _Registering:
-    """Holds uvicorn's cycle slot (``protocol.cycle``) while a registration awaits the disk.
+class _Answering:
+    """Holds uvicorn's cycle slot (``protocol.cycle``) while an answer is awaited: a
+    registration's disk write, or a long poll's wait for the table.
 
     uvicorn queues a pipelined request while ``response_complete`` is false, marks
     ``disconnected`` and sets ``message_event`` when the connection is lost, and clears
@@ -55,10 +60,13 @@ class _Registering:
     to any cycle it did not start itself.
     """
 
-    __slots__ = ("disconnected", "keep_alive", "response_complete")
+    __slots__ = ("disconnected", "keep_alive", "parked", "response_complete")
     message_event = _NoWaiters()
 
     def __init__(self) -> None:
+        self.parked: Parked | None = None
+        """A long poll's place among the waiters: unparked when its client leaves (a
+        registration, in contrast, stands)."""
         self.response_complete = False
         self.disconnected = False
         self.keep_alive = True
@@ -161,6 +169,9 @@ class _HotPathProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
         self._disarm_header_timer()
         self._release_slot()
+        cycle = self.cycle
+        if isinstance(cycle, _Answering) and cycle.parked is not None:
+            cycle.parked.cancel()
 
     def _release_slot(self) -> None:
         if self.slot is not None:
@@ -232,23 +243,51 @@ class _HotPathProtocol(HttpToolsProtocol):
         if reply is None and self._hot_size > front.max_body_bytes:
             reply = front.too_large()
         if reply is None and front.is_registration(method, route):
-            self._answer_when_durable(front.register(b"".join(self._hot_body)), started)
+            self._answer_later(front.register(b"".join(self._hot_body)), method, route, started)
             return
         if reply is None:
+            seconds = front.long_poll(method, route, query)
+            if seconds is not None:
+                self._park(seconds, method, route, started)
+                return
             reply = front.hot_reply(method, route, query, b"".join(self._hot_body))
         self._write(reply)
         front.observe(method, route, reply.status, started)
         self.on_response_complete()
 
-    def _answer_when_durable(self, registering: Coroutine[Any, Any, Reply], started: float) -> None:
-        placeholder = _Registering()
+    def _park(self, seconds: float, method: str, route: str, started: float) -> None:
+        placeholder = _Answering()
         self.cycle = placeholder  # type: ignore[assignment]
-        task = self.loop.create_task(registering)
-        self.tasks.add(task)  # uvicorn's graceful shutdown waits for it
-        task.add_done_callback(functools.partial(self._registered, placeholder, started))
+        on_wake = functools.partial(self._woken, placeholder, method, route, started)
+        placeholder.parked = self.front.park(seconds, on_wake)
 
-    def _registered(
-        self, placeholder: _Registering, started: float, task: asyncio.Task[Reply]
+    def _woken(self, placeholder: _Answering, method: str, route: str, started: float) -> None:
+        placeholder.parked = None
+        placeholder.response_complete = True
+        if self.transport.is_closing():
+            return
+        reply = self.front.long_poll_reply(route)
+        self.front.observe(method, route, reply.status, started)
+        self._finish(placeholder, reply)
+
+    def _answer_later(
+        self, answering: Coroutine[Any, Any, Reply], method: str, route: str, started: float
+    ) -> None:
+        task = self.loop.create_task(answering)
+        placeholder = _Answering()
+        self.cycle = placeholder  # type: ignore[assignment]
+        self.tasks.add(task)  # uvicorn's graceful shutdown waits for it
+        task.add_done_callback(
+            functools.partial(self._answered, placeholder, method, route, started)
+        )
+
+    def _answered(
+        self,
+        placeholder: _Answering,
+        method: str,
+        route: str,
+        started: float,
+        task: asyncio.Task[Reply],
     ) -> None:
         self.tasks.discard(task)
         placeholder.response_complete = True
@@ -257,13 +296,16 @@ class _HotPathProtocol(HttpToolsProtocol):
             return
         failure = task.exception()
         if failure is not None:
-            log.error("PUT /route failed unexpectedly.", exc_info=failure)
+            log.error("%s %s failed unexpectedly.", method, route, exc_info=failure)
             reply = error_reply(500, "internal_error", f"unexpected {type(failure).__name__}")
         else:
             reply = task.result()
-        self.front.observe("PUT", "/route", reply.status, started)
+        self.front.observe(method, route, reply.status, started)
         if self.transport.is_closing():
-            return  # the rank went away; its registration stands
+            return  # the client went away (a registration stands)
+        self._finish(placeholder, reply)
+
+    def _finish(self, placeholder: _Answering, reply: Reply) -> None:
         self._write(reply)
         if not placeholder.keep_alive:
             self.transport.close()

@@ -87,6 +87,8 @@ class _RegistryCollector(Collector):
             ("ready", "1 when every expected cell is registered and live.",
              int(table.is_complete)),
             ("rooms", "bootstrap_room entries currently held.", len(rooms)),
+            ("parked_long_polls", "Requests waiting (?wait=) for the table to complete.",
+             len(registry.waiters)),
         )  # fmt: skip
         for name, help_text, value in gauges:
             yield GaugeMetricFamily(p + name, help_text, value=value)

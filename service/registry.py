@@ -1,7 +1,7 @@
 """The server's state and what may change it: the port table, the room table and the store.
 
 Routes (slow FastAPI ones and the lean hot path alike) call into this object; it owns ordering
-(change in memory, then await durability), logging, and waking long-polls.
+(plan, make durable, then apply), logging, and waking long polls.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from prefill_bootstrap.service.store import (
     new_instance_id,
 )
 from prefill_bootstrap.service.table import Outcome, PortTable, Registered, Topology
+from prefill_bootstrap.service.waiters import Parked, Waiters
 
 __all__ = ["Registry"]
 
@@ -72,8 +73,11 @@ class Registry:
         self.rooms = RoomTable(settings.room_ttl_seconds, settings.room_capacity)
         self.writer = GroupCommitWriter(store)
         self.metrics = Metrics()
-        self._changed = asyncio.Event()
-        self._cache_version = -1
+        self.waiters = Waiters()
+        self._waited_for = self._what_waiters_wait_for()
+        self._renewals = 0
+        self._resetting: asyncio.Future[None] | None = None
+        self._cache_version: tuple[str, int, int] | None = None
         self._cache: dict[Any, bytes] = {}
         if self.table.registered_count:
             log.info(
@@ -89,9 +93,12 @@ class Registry:
     async def register(self, registration: RankRegistration, protocol: str = "3") -> Registered:
         """Plan the change, make it durable, and only then serve it: a registration answered
         503 never reaches a decode, and a restart finds exactly what was acknowledged."""
+        while self._resetting is not None:  # plan against the group the reset leaves
+            await asyncio.shield(self._resetting)
+        table = self.table
         now = self.clock()
         try:
-            planned = self.table.plan(registration, now, protocol)
+            planned = table.plan(registration, now, protocol)
         except TopologyConflict as conflict:
             self.metrics.registrations["conflict"] += 1
             log.warning(
@@ -114,9 +121,14 @@ class Registry:
         try:
             await self._persist(changes)
         except BaseException:
-            self.table.abandon(planned)
+            table.abandon(planned)
             raise
-        done = self.table.commit(planned)
+        if table is not self.table:
+            # A reset started while this was being written; it is written after it, so on disk
+            # as in memory the reset wipes it.
+            table.abandon(planned)
+            return planned
+        done = table.commit(planned)
         self.metrics.registrations[done.outcome.value] += 1
         self._notify()
         self._log_registration(done)
@@ -126,6 +138,7 @@ class Registry:
         """A leased rank's heartbeat; kept in memory only, so it costs no disk write."""
         was_expired = self.table.is_expired(heartbeat.cell)
         expires_at = self.table.renew(heartbeat.cell, heartbeat.address, self.clock())
+        self._renewals += 1  # the table's answer shows each cell's lease expiry
         if was_expired:
             log.info(
                 "Cell %s at %s is live again after its lease had expired.",
@@ -157,11 +170,16 @@ class Registry:
             self.expire_leases()
 
     async def reset(self) -> str:
+        """Durable first, then applied: a reset whose write fails leaves the group as it was."""
         instance_id = new_instance_id()
+        done = self._resetting = asyncio.get_running_loop().create_future()
+        try:
+            await self._persist([instance_id])
+        finally:
+            self._resetting = None
+            done.set_result(None)
         self.table = PortTable()
         self.rooms = RoomTable(self.settings.room_ttl_seconds, self.settings.room_capacity)
-        self._cache_version = -1
-        await self._persist([instance_id])
         self.instance_id = instance_id
         self._notify()
         log.warning("Reset the port table; new instance %s.", instance_id)
@@ -170,9 +188,17 @@ class Registry:
     async def _persist(self, changes: list[Change]) -> None:
         await self.writer.submit_async(changes)
 
+    def _what_waiters_wait_for(self) -> tuple[str, bool]:
+        return self.instance_id, self.table.is_complete
+
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        """After every change: wake the parked long polls only if their answer can differ
+        (the table completed, or the group became a new instance), not on every registration
+        of a storm."""
+        waited_for = self._what_waiters_wait_for()
+        if waited_for != self._waited_for:
+            self._waited_for = waited_for
+            self.waiters.wake_all()
 
     def _log_registration(self, done: Registered) -> None:
         record, table = done.record, self.table
@@ -204,30 +230,38 @@ class Registry:
 
     # -- waiting -------------------------------------------------------------------------------
 
-    async def wait_until_complete(self, timeout: float) -> bool:
-        """Long-poll helper: True as soon as the table is complete, False at the deadline."""
-        deadline = time.monotonic() + min(timeout, self.settings.max_wait_seconds)
-        while not self.table.is_complete:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except asyncio.TimeoutError:
-                return False
-        return True
+    def must_wait(self, seconds: float) -> bool:
+        """Whether a long poll asking to wait ``seconds`` has anything to wait for."""
+        return seconds > 0 and self.settings.max_wait_seconds > 0 and not self.table.is_complete
+
+    async def wait_until_complete(self, seconds: float) -> None:
+        """Long poll: return once the table is complete or is a new instance, at shutdown, or
+        after ``seconds`` (at most ``--max-wait``), whichever comes first."""
+        if self.must_wait(seconds):
+            await self.waiters.wait(min(seconds, self.settings.max_wait_seconds))
+
+    def park_until_complete(self, seconds: float, on_wake: Callable[[], None]) -> Parked:
+        """The same for a callback (the lean door): no task per waiter. Call only when
+        ``must_wait(seconds)``."""
+        return self.waiters.park(min(seconds, self.settings.max_wait_seconds), on_wake)
 
     # -- cached answers for hot reads ----------------------------------------------------------
 
     def cached(self, key: Any, build: Callable[[], Any]) -> bytes:
-        """JSON bytes derived from the table, rebuilt only after the table changed."""
-        if self._cache_version != self.table.version:
+        """JSON bytes derived from the table, built once per state of the group: every waiter
+        woken together, and every decode asking the same, shares one serialisation."""
+        version = (self.instance_id, self.table.version, self._renewals)
+        if self._cache_version != version:
             self._cache.clear()
-            self._cache_version = self.table.version
+            self._cache_version = version
         body = self._cache.get(key)
         if body is None:
             body = self._cache[key] = orjson.dumps(build())
         return body
+
+    def release_waiters(self) -> None:
+        """At shutdown: every parked long poll answers now, with the table as it stands."""
+        self.waiters.wake_all()
 
     def close(self) -> None:
         self.writer.close()

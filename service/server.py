@@ -86,6 +86,12 @@ class BootstrapServer(uvicorn.Server):
             listener.start()
             self.servers.append(listener)  # type: ignore[arg-type]
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Parked long polls answer first, with the table as it stands: a rank then hears
+        "not yet" and retries elsewhere, rather than waiting out the shutdown's deadline."""
+        self.config.app.registry.release_waiters()
+        await super().shutdown(sockets)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
         self._captured_signals.clear()

@@ -199,6 +199,8 @@ class ServerProcess:
     state_dir: Path | None
     log_path: Path
     extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment variables set for the server on top of this process's."""
     process: subprocess.Popen | None = None
 
     @property
@@ -224,7 +226,7 @@ class ServerProcess:
     def start(self, wait: bool = True) -> ServerProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            self.command(), stdout=log, stderr=subprocess.STDOUT, env={**os.environ}
+            self.command(), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
         )
         log.close()
         if wait:
@@ -261,6 +263,7 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
         port: int | None = None,
         durable: bool = True,
         wait: bool = True,
+        env: dict[str, str] | None = None,
     ) -> ServerProcess:
         index = len(started)
         server = ServerProcess(
@@ -269,6 +272,7 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
             state_dir=tmp_path / f"state-{index}" if durable else None,
             log_path=tmp_path / f"server-{index}.log",
             extra_args=list(extra_args),
+            env=env or {},
         )
         started.append(server)
         return server.start(wait=wait)
