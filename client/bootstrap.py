@@ -20,7 +20,8 @@ from prefill_bootstrap.client.core import DEFAULT_WAIT_TIMEOUT, as_registration
 from prefill_bootstrap.client.http import DEFAULT_TIMEOUT, BootstrapClient
 from prefill_bootstrap.client.lease import LeaseKeeper
 from prefill_bootstrap.client.port_sync import current_rank, sync_auth_token, sync_bootstrap_port
-from prefill_bootstrap.client.protocol import RankRegistration, TableReport
+from prefill_bootstrap.client.protocol import RankRegistration
+from prefill_bootstrap.client.readiness import Readiness
 from prefill_bootstrap.client.retry import DEFAULT_RETRY, RetryPolicy
 
 __all__ = ["DEFAULT_WAIT_TIMEOUT", "bootstrap_prefill_rank"]
@@ -43,12 +44,16 @@ def bootstrap_prefill_rank(
     transport: httpx.BaseTransport | None = None,
     share_auth_token: bool = False,
     keep_lease: bool = True,
-) -> TableReport:
-    """Sync the port, register, wait for the complete table; return the final table report.
+) -> Readiness:
+    """Sync the port, register, wait for the complete table; return what the wait learnt
+    (complete, cell counts, the group's instance id).
 
-    ``local_port`` is this node's ``--disaggregation-bootstrap-port``; ``local_host`` is where the
-    server is in single-node mode (wildcards become loopback). ``wait_timeout=None`` skips the
-    wait and returns the table as it is right after registering.
+    The wait asks only "complete yet?" (``GET /ready``, a few hundred bytes), never the whole
+    table, so thousands of ranks waiting at once cost the server little; call
+    ``BootstrapClient.table()`` for the table itself. ``local_port`` is this node's
+    ``--disaggregation-bootstrap-port``; ``local_host`` is where the server is in single-node
+    mode (wildcards become loopback). ``wait_timeout=None`` skips the wait and returns the
+    readiness right after registering (``complete`` may then be False).
 
     Raises ``DistributedNotInitialized`` (multi-node without torch.distributed),
     ``RegistrationFailed`` (server unreachable past the retry policy), ``RequestRejected`` (the
@@ -86,5 +91,5 @@ def bootstrap_prefill_rank(
         if reg.lease_seconds is not None and keep_lease:
             LeaseKeeper(connect(), reg).start()
         if wait_timeout is None:
-            return client.table()
-        return client.wait_until_complete(wait_timeout)
+            return client.readiness()
+        return client.wait_until_ready(wait_timeout)

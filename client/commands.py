@@ -190,7 +190,8 @@ def _run_wait(args: argparse.Namespace) -> int:
         else:
             print(
                 f"prefill port table at {client.base_url} is complete: "
-                f"{ready.registered_cells} of {ready.expected_cells} cells registered"
+                f"{ready.registered_cells} of {ready.expected_cells} cells registered "
+                f"(instance {ready.instance_id})"
             )
     return 0
 

@@ -34,12 +34,14 @@ from prefill_bootstrap.client.errors import (
 )
 from prefill_bootstrap.client.protocol import (
     HEARTBEAT_PATH,
+    READY_PATH,
     ROUTE_PATH,
     SERVER_INFO_QUERY,
     TABLE_PATH,
     Cell,
     RankAddress,
     RankRegistration,
+    ReadyReport,
     TableReport,
 )
 from prefill_bootstrap.client.readiness import (
@@ -254,6 +256,27 @@ class Core:
             not_found=lambda: PortTableUnavailable(self.base_url + TABLE_PATH),
         )
 
+    def deadline_retry(self) -> RetryPolicy:
+        """A wait's last request, after its deadline (the table naming what is missing): one
+        request timeout's worth of retries, so a dead server cannot stretch the wait."""
+        return self.retry.within(self.timeout)
+
+    def ready_call(self, wait: float, policy: RetryPolicy) -> Call[ReadyReport]:
+        """The rank's wait: ``GET /ready?wait=``, a few hundred bytes whatever the group's size
+        (the table is fetched only to name what is missing at the deadline)."""
+        return Call(
+            "GET",
+            READY_PATH,
+            action="ask whether the port table is complete",
+            noun="readiness request",
+            read=_read_ready,
+            policy=policy,
+            timeout=httpx.Timeout(self.timeout, read=self.timeout + wait),
+            params={"wait": f"{wait:.3f}"} if wait > 0 else None,
+            not_found=lambda: PortTableUnavailable(self.base_url + READY_PATH),
+            answers=frozenset({503}),
+        )
+
     def server_info_probe_call(self, policy: RetryPolicy) -> Call[ServerInfoProbe]:
         """The completeness check every SGLang bootstrap server answers: 200 with the info once
         every cell is registered, 503 naming the count before."""
@@ -378,7 +401,7 @@ class Core:
             self.base_url,
         )
 
-    def waiting(self, report: TableReport, plan: WaitPlan) -> None:
+    def waiting(self, report: ReadyReport, plan: WaitPlan) -> None:
         log.info(
             "%s is waiting for the port table at %s: %d of %s cells registered, %.0fs left.",
             self.who,
@@ -388,7 +411,17 @@ class Core:
             plan.remaining(),
         )
 
-    def complete(self, report: TableReport, plan: WaitPlan) -> TableReport:
+    def readiness(self, report: ReadyReport) -> Readiness:
+        return Readiness(
+            self.base_url,
+            "prefill-bootstrap",
+            report.expected_cells,
+            report.registered_cells,
+            report.instance_id,
+            report.ready,
+        )
+
+    def ready(self, report: ReadyReport, plan: WaitPlan) -> Readiness:
         log.info(
             "%s sees the port table at %s complete: %d of %d cells after %.1fs.",
             self.who,
@@ -397,12 +430,7 @@ class Core:
             report.expected_cells or 0,
             plan.elapsed(),
         )
-        return report
-
-    def ready(self, report: TableReport) -> Readiness:
-        return Readiness(
-            self.base_url, "prefill-bootstrap", report.expected_cells, report.registered_cells
-        )
+        return self.readiness(report)
 
     def waiting_for_builtin(self, probe: ServerInfoProbe, plan: WaitPlan) -> None:
         log.info(
@@ -437,14 +465,28 @@ class Core:
             server=BUILTIN_SERVER,
         )
 
-    def incomplete(self, report: TableReport, plan: WaitPlan) -> TableIncomplete:
+    def incomplete(
+        self, report: ReadyReport, plan: WaitPlan, table: TableReport | None
+    ) -> TableIncomplete:
+        """At the deadline: the missing cells, and (from the table, when it could be read) the
+        hosts that did register, which tell an operator which node is absent."""
         return TableIncomplete(
-            report.missing_cells,
+            (table or report).missing_cells,
             report.expected_cells,
-            registered_hosts=report.registered_hosts(),
+            registered_hosts=table.registered_hosts() if table is not None else None,
             waited_seconds=plan.elapsed(),
-            url=self.base_url + TABLE_PATH,
+            url=self.base_url + TABLE_PATH,  # what an operator curls to see the rest
+            missing_count=(table or report).missing_count,
         )
+
+
+def _read_ready(response: httpx.Response) -> ReadyReport:
+    try:
+        return ReadyReport.model_validate_json(response.content)
+    except ValueError:
+        if response.status_code == 503:  # not ours: a proxy's or a restarting server's 503
+            raise Transient("status", f"HTTP 503: {_server_message(response)}", 503) from None
+        raise
 
 
 def describe_invalid(exc: ValidationError) -> str:

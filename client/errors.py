@@ -145,15 +145,19 @@ class TableIncomplete(BootstrapError):
         self,
         missing: Sequence[Cell],
         expected: int | None,
-        registered_hosts: Sequence[str] = (),
+        registered_hosts: Sequence[str] | None = (),
         waited_seconds: float | None = None,
         url: str | None = None,
         registered_count: int | None = None,
         server: str | None = None,
+        missing_count: int | None = None,
     ) -> None:
         self.missing = [tuple(cell) for cell in missing]
+        self.missing_count = len(self.missing) if missing_count is None else missing_count
+        """All missing cells; ``missing`` lists the first 1000 (the server's cap)."""
         self.expected = expected
-        self.registered_hosts = list(registered_hosts)
+        self.registered_hosts = list(registered_hosts) if registered_hosts is not None else None
+        """None when the table could not be read to name them."""
         self.waited_seconds = waited_seconds
         self.url = url
         self.registered_count = registered_count
@@ -173,11 +177,19 @@ class TableIncomplete(BootstrapError):
         if expected is None:
             what = "no rank has registered yet, so the topology is unknown"
         else:
+            listed = (
+                f" (the first {len(self.missing)} listed)"
+                if self.missing_count > len(self.missing)
+                else ""
+            )
             what = (
-                f"{len(self.missing)} of {expected} cells are missing: "
+                f"{self.missing_count} of {expected} cells are missing{listed}: "
                 f"{_summarise_cells(self.missing)}"
             )
-        hosts = ", ".join(self.registered_hosts) or "none"
+        if self.registered_hosts is None:
+            hosts = "unknown (the table could not be read)"
+        else:
+            hosts = ", ".join(self.registered_hosts) or "none"
         super().__init__(
             f"prefill port table{where} is incomplete{waited}: {what}; hosts that did register: "
             f"{hosts}. Check that the ranks of the missing cells started and reach the leader's "

@@ -22,7 +22,7 @@ from prefill_bootstrap.client.core import (
     WaitPlan,
     describe_invalid,
 )
-from prefill_bootstrap.client.errors import PortTableUnavailable
+from prefill_bootstrap.client.errors import BootstrapError, PortTableUnavailable
 from prefill_bootstrap.client.protocol import Cell, RankAddress, TableReport
 from prefill_bootstrap.client.readiness import BUILTIN_POLL_SECONDS, Readiness
 from prefill_bootstrap.client.retry import DEFAULT_RETRY, RetryPolicy
@@ -120,10 +120,17 @@ class BootstrapClient:
         """``GET /prefill_port_table``; ``wait`` long-polls until complete or that many seconds."""
         return self._run(self._core.table_call(wait))
 
+    def readiness(self) -> Readiness:
+        """``GET /ready`` once, without waiting: ``complete`` says whether the group is."""
+        return self._core.readiness(self._run(self._core.ready_call(0.0, self._core.retry)))
+
     def wait_until_complete(self, timeout: float, *, poll_interval: float = 0.5) -> TableReport:
-        """Long-poll until every cell is registered; ``TableIncomplete`` names the missing cells
-        and the hosts that did register if ``timeout`` seconds pass first."""
-        return self._wait_for_table(WaitPlan(timeout), poll_interval)
+        """Long-poll until every cell is registered, then read the whole table once;
+        ``TableIncomplete`` names the missing cells and the hosts that did register if
+        ``timeout`` seconds pass first. A rank that needs only "complete" calls
+        ``wait_until_ready``, which never reads the table unless it must name what is missing."""
+        self._wait_for_ready(WaitPlan(timeout), poll_interval)
+        return self.table()
 
     def wait_until_ready(
         self,
@@ -139,22 +146,28 @@ class BootstrapClient:
         name it where the server does not."""
         plan = WaitPlan(timeout)
         try:
-            return self._core.ready(self._wait_for_table(plan, poll_interval))
+            return self._wait_for_ready(plan, poll_interval)
         except PortTableUnavailable:
             return self._wait_for_builtin(plan, expected_cells, builtin_poll_interval)
 
-    def _wait_for_table(self, plan: WaitPlan, poll_interval: float) -> TableReport:
+    def _wait_for_ready(self, plan: WaitPlan, poll_interval: float) -> Readiness:
         while True:
             poll = plan.next_poll()
             poll_started = time.monotonic()
-            call = self._core.table_call(poll, self._core.retry.within(plan.remaining()))
+            call = self._core.ready_call(poll, self._core.retry.within(plan.remaining()))
             report = self._run(call)
-            if report.complete:
-                return self._core.complete(report, plan)
+            if report.ready:
+                return self._core.ready(report, plan)
             if plan.remaining() <= 0:
-                raise self._core.incomplete(report, plan)
+                raise self._core.incomplete(report, plan, self._table_to_name_missing())
             self._core.waiting(report, plan)
             time.sleep(plan.pause_after(poll_started, poll, poll_interval))
+
+    def _table_to_name_missing(self) -> TableReport | None:
+        try:
+            return self._run(self._core.table_call(policy=self._core.deadline_retry()))
+        except BootstrapError:
+            return None
 
     def _wait_for_builtin(
         self, plan: WaitPlan, expected_cells: int | None, interval: float
@@ -238,10 +251,15 @@ class AsyncBootstrapClient:
     async def table(self, wait: float = 0.0) -> TableReport:
         return await self._run(self._core.table_call(wait))
 
+    async def readiness(self) -> Readiness:
+        call = self._core.ready_call(0.0, self._core.retry)
+        return self._core.readiness(await self._run(call))
+
     async def wait_until_complete(
         self, timeout: float, *, poll_interval: float = 0.5
     ) -> TableReport:
-        return await self._wait_for_table(WaitPlan(timeout), poll_interval)
+        await self._wait_for_ready(WaitPlan(timeout), poll_interval)
+        return await self.table()
 
     async def wait_until_ready(
         self,
@@ -253,22 +271,28 @@ class AsyncBootstrapClient:
     ) -> Readiness:
         plan = WaitPlan(timeout)
         try:
-            return self._core.ready(await self._wait_for_table(plan, poll_interval))
+            return await self._wait_for_ready(plan, poll_interval)
         except PortTableUnavailable:
             return await self._wait_for_builtin(plan, expected_cells, builtin_poll_interval)
 
-    async def _wait_for_table(self, plan: WaitPlan, poll_interval: float) -> TableReport:
+    async def _wait_for_ready(self, plan: WaitPlan, poll_interval: float) -> Readiness:
         while True:
             poll = plan.next_poll()
             poll_started = time.monotonic()
-            call = self._core.table_call(poll, self._core.retry.within(plan.remaining()))
+            call = self._core.ready_call(poll, self._core.retry.within(plan.remaining()))
             report = await self._run(call)
-            if report.complete:
-                return self._core.complete(report, plan)
+            if report.ready:
+                return self._core.ready(report, plan)
             if plan.remaining() <= 0:
-                raise self._core.incomplete(report, plan)
+                raise self._core.incomplete(report, plan, await self._table_to_name_missing())
             self._core.waiting(report, plan)
             await asyncio.sleep(plan.pause_after(poll_started, poll, poll_interval))
+
+    async def _table_to_name_missing(self) -> TableReport | None:
+        try:
+            return await self._run(self._core.table_call(policy=self._core.deadline_retry()))
+        except BootstrapError:
+            return None
 
     async def _wait_for_builtin(
         self, plan: WaitPlan, expected_cells: int | None, interval: float

@@ -46,6 +46,7 @@ __all__ = [
     "Heartbeat",
     "RankAddress",
     "RankRegistration",
+    "ReadyReport",
     "ReplacementReport",
     "RowReport",
     "TableReport",
@@ -319,6 +320,19 @@ class ConflictReport(BaseModel):
     rank_port: int
     cell: Cell
     at: float
+
+
+class ReadyReport(BaseModel):
+    """``GET /ready`` (200 complete, 503 not yet): what a waiting rank needs, a few hundred bytes
+    once complete, where the table is a few hundred per cell."""
+
+    ready: bool
+    instance_id: str
+    expected_cells: int | None
+    registered_cells: int
+    missing_cells: list[Cell] = Field(description="the first 1000 missing cells, in cell order")
+    missing_count: int = Field(0, description="how many cells are missing in all")
+    expired_cells: list[Cell] = Field(default_factory=list)
 
 
 class TableReport(BaseModel):

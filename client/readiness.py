@@ -53,13 +53,18 @@ class ServerInfoProbe:
 
 @dataclass(frozen=True)
 class Readiness:
-    """What a waiting rank learns: the group is complete, and at which kind of server."""
+    """What a waiting rank learns: whether the group is complete, under which instance, and at
+    which kind of server. A wait returns it only once complete (else ``TableIncomplete``)."""
 
     url: str
     server: str
     expected_cells: int | None
     registered_cells: int | None
     """None where the server does not count cells (SGLang's built-in one)."""
+    instance_id: str | None = None
+    """The group's instance at our server (None at SGLang's built-in one): a reset changes it."""
+    complete: bool = True
+    """False only from a check that did not wait (``bootstrap_prefill_rank(wait_timeout=None)``)."""
 
 
 def read_server_info_probe(response: httpx.Response) -> ServerInfoProbe:

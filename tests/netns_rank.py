@@ -86,7 +86,7 @@ def main() -> None:
                 wait_timeout=args.wait_timeout,
                 retry=retry,
             )
-        outcome = {"ok": True, "complete": report.complete, "cells": len(report.cells)}
+        outcome = {"ok": True, "complete": report.complete, "cells": report.registered_cells}
     except errors.BootstrapError as exc:
         outcome = {"error": type(exc).__name__, "message": str(exc)}
         if isinstance(exc, errors.TableIncomplete):

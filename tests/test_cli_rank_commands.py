@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+import httpx
 import pytest
 
 from prefill_bootstrap.client.cli import main
@@ -80,8 +81,10 @@ def test_wait_exits_0_once_every_cell_is_registered(
             main(register_args(bootstrap.url, dp=dp, tp=tp))
     capsys.readouterr()
     assert main(["wait", "--url", bootstrap.url, "--timeout", "5"]) == 0
+    instance = httpx.get(f"{bootstrap.url}/ready").json()["instance_id"]
     assert capsys.readouterr().out == (
-        f"prefill port table at {bootstrap.url} is complete: 4 of 4 cells registered\n"
+        f"prefill port table at {bootstrap.url} is complete: 4 of 4 cells registered "
+        f"(instance {instance})\n"
     )
 
 

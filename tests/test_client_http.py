@@ -160,7 +160,9 @@ def test_wait_on_an_empty_table_says_the_topology_is_unknown(connect: Callable) 
 
 def test_wait_paces_its_polls_when_the_server_does_not_long_poll() -> None:
     def incomplete(request: httpx.Request) -> httpx.Response:
-        polls.append(request)
+        if request.url.path == "/ready":
+            polls.append(request)
+            return httpx.Response(503, json=_not_ready())
         return httpx.Response(200, json=_empty_report())
 
     polls: list[httpx.Request] = []
@@ -170,6 +172,45 @@ def test_wait_paces_its_polls_when_the_server_does_not_long_poll() -> None:
     ):
         client.wait_until_complete(0.5, poll_interval=0.1)
     assert 3 <= len(polls) <= 8
+
+
+def test_the_wait_asks_only_whether_complete_and_reads_the_table_only_to_name_the_missing() -> None:
+    def server(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.path)
+        if request.url.path == "/ready":
+            return httpx.Response(503, json=_not_ready())
+        return httpx.Response(200, json=_empty_report())
+
+    asked: list[str] = []
+    with (
+        BootstrapClient(URL, transport=httpx.MockTransport(server)) as client,
+        pytest.raises(TableIncomplete),
+    ):
+        client.wait_until_ready(0.3, poll_interval=0.1)
+    assert set(asked[:-1]) == {"/ready"}, "every poll is the small readiness answer"
+    assert asked[-1] == "/prefill_port_table", "read once, at the deadline, to name the hosts"
+
+
+def test_a_complete_group_is_known_without_reading_the_table() -> None:
+    def server(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.path)
+        return httpx.Response(200, json={**_not_ready(), "ready": True, "registered_cells": 0})
+
+    asked: list[str] = []
+    with BootstrapClient(URL, transport=httpx.MockTransport(server)) as client:
+        ready = client.wait_until_ready(5)
+    assert asked == ["/ready"]
+    assert (ready.complete, ready.instance_id) == (True, "x")
+
+
+def test_a_503_that_is_not_a_readiness_answer_is_retried_like_any_outage() -> None:
+    answers = iter([httpx.Response(503, text="<html>upstream busy</html>")])
+
+    def server(request: httpx.Request) -> httpx.Response:
+        return next(answers, httpx.Response(200, json={**_not_ready(), "ready": True}))
+
+    with BootstrapClient(URL, transport=httpx.MockTransport(server), retry=FAST) as client:
+        assert client.wait_until_ready(5).complete
 
 
 def test_an_answer_that_is_not_a_table_is_an_unexpected_answer() -> None:
@@ -224,6 +265,18 @@ def test_a_registration_the_server_finds_invalid_is_rejected_with_its_422_messag
         connect().register(unchecked)
     assert caught.value.status_code == 422
     assert "rank_port" in caught.value.server_message
+
+
+def _not_ready() -> dict[str, Any]:
+    return {
+        "ready": False,
+        "instance_id": "x",
+        "expected_cells": None,
+        "registered_cells": 0,
+        "missing_cells": [],
+        "missing_count": 0,
+        "expired_cells": [],
+    }
 
 
 def _empty_report() -> dict[str, Any]:

@@ -96,8 +96,12 @@ def _rank_main(rank: int, plan: dict[str, Any]) -> None:
                 auth_token=plan.get("token") if rank == 0 else None,
                 share_auth_token=bool(plan.get("token")),
             )
-            outcome["cells"] = [[*cell.cell, cell.rank_ip, cell.rank_port] for cell in report.cells]
             outcome["complete"] = report.complete
+            # The wait never reads the table (issue 16); read it once to check every address.
+            leader = bootstrap_url("127.0.0.1", plan["node_ports"][0])
+            with BootstrapClient(leader, retry=retry) as client:
+                table = client.table()
+            outcome["cells"] = [[*cell.cell, cell.rank_ip, cell.rank_port] for cell in table.cells]
         else:  # "no-sync": steps 2 and 3 only, each rank at <leader>:<its own port>: the bug
             with BootstrapClient(bootstrap_url("127.0.0.1", local_port), retry=retry) as client:
                 client.register(registration(rank))
