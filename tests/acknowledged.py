@@ -32,6 +32,7 @@ __all__ = [
     "History",
     "Served",
     "Write",
+    "differences",
     "figures",
     "tally",
     "violations",
@@ -179,6 +180,19 @@ def violations(history: History, served: Served) -> list[str]:
         ]
         if all(problems):
             found.append(str(problems[0]))
+    return found
+
+
+def differences(before: Served, after: Served) -> list[str]:
+    """How two served tables differ, cell by cell, as sentences (empty when they are equal)."""
+    found = []
+    if before.instance_id != after.instance_id:
+        found.append(f"instance {before.instance_id} became {after.instance_id}")
+    for cell in sorted(set(before.cells) | set(after.cells)):
+        old, new = before.cells.get(cell), after.cells.get(cell)
+        if old != new:
+            shown = [_address(a) if a else "not served" for a in (old, new)]
+            found.append(f"cell {_cell(cell)}: {shown[0]} became {shown[1]}")
     return found
 
 

@@ -26,7 +26,17 @@ import httpx
 import orjson
 import pytest
 
-from tests.acknowledged import Address, CellKey, History, Served, Write, figures, tally, violations
+from tests.acknowledged import (
+    Address,
+    CellKey,
+    History,
+    Served,
+    Write,
+    differences,
+    figures,
+    tally,
+    violations,
+)
 from tests.conftest import ServerProcess, cell_query, sglang_registration
 
 SEEDS = int(os.environ.get("TEST_KILL_SEEDS", "3"))
@@ -207,6 +217,27 @@ def test_every_acknowledged_move_of_a_storm_survives_kill_9(
     restart_and_check(storm)
 
 
+async def moves_and_resets(storm: Storm, rng: random.Random, resets_at: list[int]) -> None:
+    """Every cell moves to its version-2 address; once ``resets_at[i]`` moves were acknowledged
+    the i-th reset is sent, and 64 cells register again as soon as it is acknowledged."""
+    start = storm.acknowledged
+    sent_resets: list[asyncio.Task[None]] = []
+
+    async def reset_then_register(wave: int) -> None:
+        if (await storm.reset()).acknowledged:
+            again = rng.sample(CELLS, 64)
+            await concurrently(storm.register(cell, address(cell, 3 + wave)) for cell in again)
+
+    async def move(cell: CellKey) -> None:
+        await storm.register(cell, address(cell, 2))
+        while resets_at and storm.acknowledged - start >= resets_at[0]:
+            resets_at.pop(0)
+            sent_resets.append(asyncio.create_task(reset_then_register(len(sent_resets))))
+
+    await concurrently(move(cell) for cell in rng.sample(CELLS, len(CELLS)))
+    await asyncio.gather(*sent_resets)
+
+
 @pytest.mark.parametrize("seed", range(SEEDS))
 def test_acknowledged_resets_and_moves_of_a_storm_survive_kill_9(
     server_factory: ServerFactory, seed: int
@@ -218,28 +249,31 @@ def test_acknowledged_resets_and_moves_of_a_storm_survive_kill_9(
     rng = random.Random(seed)
     storm = Storm(server, History(instance_id(server)), kill_after=0)
     asyncio.run(register_all(storm, version=1))
-    start = storm.acknowledged
     kill_at = rng.randint(64, len(CELLS) - 1)
     resets_at = sorted(rng.sample(range(1, kill_at), 2))
-    storm.kill_after = start + kill_at
+    storm.kill_after = storm.acknowledged + kill_at
 
-    async def run() -> None:
-        sent_resets: list[asyncio.Task[None]] = []
-
-        async def reset_then_register(wave: int) -> None:
-            if (await storm.reset()).acknowledged:
-                again = rng.sample(CELLS, 64)
-                await concurrently(storm.register(cell, address(cell, 3 + wave)) for cell in again)
-
-        async def move(cell: CellKey) -> None:
-            await storm.register(cell, address(cell, 2))
-            while resets_at and storm.acknowledged - start >= resets_at[0]:
-                resets_at.pop(0)
-                sent_resets.append(asyncio.create_task(reset_then_register(len(sent_resets))))
-
-        await concurrently(move(cell) for cell in rng.sample(CELLS, len(CELLS)))
-        await asyncio.gather(*sent_resets)
-
-    asyncio.run(run())
+    asyncio.run(moves_and_resets(storm, rng, resets_at))
     assert any(write.kind == "reset" for write in storm.history.writes)
     restart_and_check(storm)
+
+
+@pytest.mark.parametrize("seed", range(SEEDS))
+def test_once_a_storm_with_a_reset_is_answered_kill_9_changes_nothing_served(
+    server_factory: ServerFactory, seed: int
+) -> None:
+    """With no write in flight, what the server serves must be exactly what is durable. Moves
+    planned before a reset but made durable after it was sent used to be served in the new
+    instance although the reset had wiped them from disk: acknowledged, served, then lost."""
+    server = server_factory()
+    rng = random.Random(seed)
+    storm = Storm(server, History(instance_id(server)), kill_after=0)
+    asyncio.run(register_all(storm, version=1))
+
+    asyncio.run(moves_and_resets(storm, rng, [rng.randint(1, len(CELLS) - 1)]))
+    before = httpx.get(f"{server.url}/prefill_port_table", timeout=10).json()
+    assert violations(storm.history, Served.from_report(before)) == []
+    storm.kill()
+
+    changed = differences(Served.from_report(before), restart_and_check(storm))
+    assert changed == [], f"{len(changed)} changes, first: " + "\n".join(changed[:10])
