@@ -90,8 +90,13 @@ class Registry:
         """Plan the change, make it durable, and only then serve it: a registration answered
         503 never reaches a decode, and a restart finds exactly what was acknowledged."""
         now = self.clock()
+        # The table this registration is planned against is the one it commits into. A reset
+        # while it waits for the disk swaps ``self.table``, and the reset's write follows this
+        # one, so on disk the reset wipes it: serving it in the new table would serve what a
+        # restart no longer finds.
+        table = self.table
         try:
-            planned = self.table.plan(registration, now, protocol)
+            planned = table.plan(registration, now, protocol)
         except TopologyConflict as conflict:
             self.metrics.registrations["conflict"] += 1
             log.warning(
@@ -100,9 +105,9 @@ class Registry:
                 format_cell(registration.cell),
                 conflict,
             )
-            record = self.table.conflict_of(conflict, registration, now)
+            record = table.conflict_of(conflict, registration, now)
             await self._persist([record])
-            self.table.record_conflict(record)
+            table.record_conflict(record)
             self._notify()
             raise
         changes: list[Change] = []
@@ -114,10 +119,17 @@ class Registry:
         try:
             await self._persist(changes)
         except BaseException:
-            self.table.abandon(planned)
+            table.abandon(planned)
             raise
-        done = self.table.commit(planned)
+        done = table.commit(planned)
         self.metrics.registrations[done.outcome.value] += 1
+        if table is not self.table:
+            log.info(
+                "Cell %s at %s was registered just before a reset, which removed it again.",
+                format_cell(registration.cell),
+                _address(registration.rank_ip, registration.rank_port),
+            )
+            return done
         self._notify()
         self._log_registration(done)
         return done
