@@ -45,11 +45,14 @@ Address = tuple[str, int]
 
 figures: dict[str, int] = {
     "kills": 0,
+    "kills_after_answers": 0,
     "acknowledged_checked": 0,
     "unknown": 0,
     "violations": 0,
     "machine_steps": 0,
     "machine_restarts": 0,
+    "machine_in_flight": 0,
+    "machine_in_flight_applied": 0,
     "bad_inputs": 0,
 }
 """What this run checked, summed over every test that used the checker; printed in the pytest
