@@ -6,7 +6,8 @@ arriving, restarts it on the same state directory and hands everything it serves
 acknowledged-writes checker (``tests/acknowledged.py``): every write answered 200 is served with
 its address (or that of a write that may have come later), nothing is served that was not sent.
 Three storms: fresh registrations, moves (cells re-registering to new addresses, some twice) and
-moves with resets in the middle.
+moves with resets in the middle; and a fourth run that kills the server only after the last
+answer of such a storm, when what it serves must be exactly what a restart finds.
 
 Each scenario runs once per seed: 3 seeds by default, ``TEST_KILL_SEEDS=20`` for more. The runs
 are marked ``kill9``; ``pytest -m "not kill9"`` leaves them out.
@@ -115,6 +116,10 @@ class Storm:
             status, content = await asyncio.wait_for(
                 exchange(self.server.port, method, path, body), ANSWER_DEADLINE
             )
+        except asyncio.TimeoutError:
+            raise AssertionError(
+                f"no answer within {ANSWER_DEADLINE}s: {write.describe()}"
+            ) from None
         except (OSError, ValueError, KeyError, asyncio.IncompleteReadError):
             return  # unknown: the server may or may not have made it durable
         instance_id = orjson.loads(content)["instance_id"] if write.kind == "reset" else None
