@@ -10,7 +10,7 @@ TORCH   = torch==2.13.0
 # tests/sglang/); 0.5.12 is supported too: make test SGLANG_RELEASES="0.5.11 0.5.12 0.5.23".
 SGLANG_RELEASES ?= 0.5.11 0.5.23
 
-.PHONY: serve test lint format system-deps venv dev clean test-multihost bench bench-smoke bench-profile sglang-envs
+.PHONY: serve test lint format system-deps venv dev clean test-multihost test-kill9 bench bench-smoke bench-profile sglang-envs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,13 @@ clean:
 # Just the multi-host tests: network namespaces as hosts, torch.distributed across them (root).
 test-multihost: dev
 	$(BIN)/pytest -m netns -s
+
+# Just the kill -9 suites (issue 17), longer than `make test` runs them: the storms with
+# KILL_SEEDS seeds each, the stateful test with STATEFUL_EXAMPLES runs.
+KILL_SEEDS ?= 20
+STATEFUL_EXAMPLES ?= 50
+test-kill9: dev
+	TEST_KILL_SEEDS=$(KILL_SEEDS) TEST_STATEFUL_EXAMPLES=$(STATEFUL_EXAMPLES) $(BIN)/pytest -m kill9
 
 # Benchmarks (issue 8): every phase, 3 runs each; the table goes into bench/README.md, the JSON
 # into bench/results/ (~6 min).

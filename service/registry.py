@@ -95,8 +95,12 @@ class Registry:
         503 never reaches a decode, and a restart finds exactly what was acknowledged."""
         while self._resetting is not None:  # plan against the group the reset leaves
             await asyncio.shield(self._resetting)
-        table = self.table
         now = self.clock()
+        # The table this registration is planned against is the one it commits into. A reset
+        # while it waits for the disk swaps ``self.table``, and the reset's write follows this
+        # one, so on disk the reset wipes it: serving it in the new table would serve what a
+        # restart no longer finds.
+        table = self.table
         try:
             planned = table.plan(registration, now, protocol)
         except TopologyConflict as conflict:
@@ -107,9 +111,9 @@ class Registry:
                 format_cell(registration.cell),
                 conflict,
             )
-            record = self.table.conflict_of(conflict, registration, now)
+            record = table.conflict_of(conflict, registration, now)
             await self._persist([record])
-            self.table.record_conflict(record)
+            table.record_conflict(record)
             self._notify()
             raise
         changes: list[Change] = []
@@ -123,13 +127,15 @@ class Registry:
         except BaseException:
             table.abandon(planned)
             raise
-        if table is not self.table:
-            # A reset started while this was being written; it is written after it, so on disk
-            # as in memory the reset wipes it.
-            table.abandon(planned)
-            return planned
         done = table.commit(planned)
         self.metrics.registrations[done.outcome.value] += 1
+        if table is not self.table:
+            log.info(
+                "Cell %s at %s was registered just before a reset, which removed it again.",
+                format_cell(registration.cell),
+                _address(registration.rank_ip, registration.rank_port),
+            )
+            return done
         self._notify()
         self._log_registration(done)
         return done

@@ -289,10 +289,26 @@ def server(server_factory: Callable[..., ServerProcess]) -> ServerProcess:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """Print the fuzzing figures in every run's summary (CI logs included)."""
+    """Print the fuzzing and kill -9 figures in every run's summary (CI logs included)."""
     fuzz = sys.modules.get("tests.test_fuzz")
     count = getattr(fuzz, "requests_sent", {}).get("count", 0) if fuzz else 0
     if count:
         terminalreporter.write_line(
             f"fuzzing: schemathesis sent {count} generated requests, 0 server errors"
+        )
+    checker = sys.modules.get("tests.acknowledged")
+    figures = getattr(checker, "figures", {})
+    if figures.get("kills"):
+        terminalreporter.write_line(
+            f"kill -9 storms: {figures['kills']} kills inside the answer window, "
+            f"{figures['kills_after_answers']} after the last answer; "
+            f"{figures['acknowledged_checked']} acknowledged writes checked after restarts, "
+            f"{figures['unknown']} unanswered; {figures['violations']} violations"
+        )
+    if figures.get("machine_steps"):
+        terminalreporter.write_line(
+            f"stateful test: {figures['machine_steps']} steps, {figures['machine_restarts']} "
+            f"kill -9 restarts ({figures['machine_in_flight']} with a registration on the wire, "
+            f"{figures['machine_in_flight_applied']} of them applied), {figures['bad_inputs']} "
+            "bad inputs; served == acknowledged model after every step"
         )

@@ -78,6 +78,22 @@ async def test_a_registration_answered_503_is_never_served(
 
 
 @pytest.mark.anyio
+async def test_a_reset_answered_503_changes_nothing_served(
+    fillable: tuple[httpx.AsyncClient, FillableStore],
+) -> None:
+    client, store = fillable
+    for tp in (0, 1):
+        assert (await client.put("/route", json=pair(tp))).status_code == 200
+    before = (await client.get("/prefill_port_table")).json()
+    store.full = True
+    refused = await client.delete("/prefill_port_table")
+    assert refused.status_code == 503 and refused.json()["error"] == "state_not_durable"
+    assert (await client.get("/prefill_port_table")).json() == before
+    assert (await client.get("/ready")).status_code == 200
+    assert (await client.get("/route", params=cell_query(0, 0, 1, 0))).status_code == 200
+
+
+@pytest.mark.anyio
 async def test_a_first_registration_answered_503_leaves_no_topology_behind(
     fillable: tuple[httpx.AsyncClient, FillableStore],
 ) -> None:
