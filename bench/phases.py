@@ -294,7 +294,7 @@ def _wait_figures(outcome: WaitResult, key: str) -> dict[str, float]:
         f"{name}_{key}": summary[name]
         for name in (
             "first_s", "p50_s", "p99_s", "max_s", "bytes_per_waiter", "server_cpu_seconds",
-            "peak_rss_mb", "parked_kb_per_waiter",
+            "peak_rss_mb",
         )
     }  # fmt: skip
 

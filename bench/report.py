@@ -247,7 +247,6 @@ def _wait_rows(
             stat("waiters", f"peak_rss_mb_{key}"),
             stat("waiters", f"server_cpu_seconds_{key}"),
         )
-        parked = stat("waiters", f"parked_kb_per_waiter_{key}")
         met = "-"
         if count == 4096 and longest and p99 and first and sent and rss and longest.runs:
             met = "yes" if (
@@ -259,8 +258,7 @@ def _wait_rows(
                 f"{count} waiters on `{path}`, last registration → all answered",
                 f"all {show(longest, 3, 's')}; p99 {show(p99, 3, 's')}; first "
                 f"{show(first, 4, 's')}; {show(sent, 0, 'B')}/waiter; server CPU "
-                f"{show(cpu, 2, 's')}; peak RSS {show(rss, 0, 'MB')}; parked "
-                f"{show(parked, 1, 'KB')}/waiter",
+                f"{show(cpu, 2, 's')}; peak RSS {show(rss, 0, 'MB')}",
                 "-",
                 "all ≤ 0.5 s, p99 ≤ 0.3 s, first ≤ 50 ms, ≤ 2 KB/waiter, RSS ≤ 120 MB"
                 if count == 4096
@@ -295,7 +293,8 @@ def table(found: list[Row]) -> str:
 
 def write_json(path: Path, document: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+    options = orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS
+    path.write_bytes(orjson.dumps(document, option=options, default=str))
 
 
 def readme_block(about: dict[str, Any], found: list[Row]) -> str:
