@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -63,21 +62,24 @@ async def _relay(
     client_reader: asyncio.StreamReader,
     client_writer: asyncio.StreamWriter,
 ) -> None:
+    loop = asyncio.get_running_loop()
     upstream_writer: asyncio.StreamWriter | None = None
+    forwards: list[asyncio.Task[None]] = []
     try:
         upstream_reader, upstream_writer = await asyncio.open_connection(*target)
-        await asyncio.gather(
-            _forward(client_reader, upstream_writer, delay),
-            _forward(upstream_reader, client_writer, delay),
-        )
+        forwards = [
+            loop.create_task(_forward(client_reader, upstream_writer, delay)),
+            loop.create_task(_forward(upstream_reader, client_writer, delay)),
+        ]
+        await asyncio.gather(*forwards)
     except OSError:
         pass  # a side went away (reset, refused, unreachable): close both, as a dead path does
     finally:
+        for task in forwards:
+            task.cancel()
         for writer in (client_writer, upstream_writer):
             if writer is not None:
                 writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
 
 
 async def main() -> None:
@@ -88,9 +90,17 @@ async def main() -> None:
     args = parser.parse_args()
     target, delay = _address(args.target), args.delay
     listen_host, listen_port = _address(args.listen)
-    server = await asyncio.start_server(
-        lambda r, w: _relay(target, delay, r, w), listen_host, listen_port
-    )
+    loop = asyncio.get_running_loop()
+    # The loop holds tasks weakly: once a connection's transports are gone nothing else refers
+    # to its relay task, which would be collected mid-flight. Keep them until they finish.
+    running: set[asyncio.Task[None]] = set()
+
+    def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = loop.create_task(_relay(target, delay, reader, writer))
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+    server = await asyncio.start_server(accepted, listen_host, listen_port)
     print(f"relay listening on {args.listen}", flush=True)
     async with server:
         await server.serve_forever()
