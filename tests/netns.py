@@ -24,12 +24,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["Host", "HttpAnswer", "Network", "netns_unavailable_reason"]
+__all__ = ["Direction", "Host", "HttpAnswer", "Network", "netns_unavailable_reason"]
 
 SUBNET_PREFIX = "10.233"  # a /24 inside 10.233.0.0/16 per run; reachable only inside the netns
 RELAY = Path(__file__).parent / "netns_relay.py"
+Direction = Literal["out", "in", "both"]
+"""Which of a host's packets a link fault drops: those it sends, those it receives, or both."""
 
 
 def netns_unavailable_reason() -> str | None:
@@ -129,13 +131,16 @@ class Host:
     # own connect() or send() at once with EPERM, which no real link does; a lost packet is
     # silence, and the sender learns of it only through TCP's retransmits and its own timeouts.
 
-    def drop_packets(self, probability: float) -> None:
-        """Lose this share of the packets crossing this host's link, each way, at random
-        (``iptables -m statistic --mode random``; this kernel has no netem ``loss``)."""
+    def drop_packets(self, probability: float, direction: Direction = "out") -> None:
+        """Lose this share of the packets this host sends (``"out"``: what netem ``loss`` on
+        its eth0 does, which this kernel lacks), receives (``"in"``) or both, at random
+        (``iptables -m statistic --mode random``)."""
         if not 0 < probability < 1:
             raise ValueError(f"probability={probability} must be between 0 and 1")
         self._add_fault(
-            "loss", ["-m", "statistic", "--mode", "random", "--probability", str(probability)]
+            "loss",
+            ["-m", "statistic", "--mode", "random", "--probability", str(probability)],
+            direction,
         )
 
     def partition(self) -> None:
@@ -170,16 +175,19 @@ class Host:
             time.sleep(0.05)
         return process
 
-    def _add_fault(self, fault: str, match: list[str]) -> None:
+    def _add_fault(self, fault: str, match: list[str], direction: Direction = "both") -> None:
         if fault in self._faults:
             raise RuntimeError(f"{self.name} already has a {fault} fault; remove it first")
         comment = ["-m", "comment", "--comment", f"pb-{fault}"]
-        rules = [(self.namespace, ["INPUT", "-i", "eth0", *match, *comment, "-j", "DROP"])]
-        rules += [
-            (peer.namespace, ["INPUT", "-s", self.address, *match, *comment, "-j", "DROP"])
-            for peer in self.network.hosts
-            if peer is not self
-        ]
+        rules = []
+        if direction in ("in", "both"):
+            rules.append((self.namespace, ["INPUT", "-i", "eth0", *match, *comment, "-j", "DROP"]))
+        if direction in ("out", "both"):
+            rules += [
+                (peer.namespace, ["INPUT", "-s", self.address, *match, *comment, "-j", "DROP"])
+                for peer in self.network.hosts
+                if peer is not self
+            ]
         self._faults[fault] = []
         for namespace, rule in rules:
             _iptables(namespace, "-I", *rule)
