@@ -19,9 +19,9 @@ ranks in four runs here), so with sixteen ranks on the worker the chance that no
 retry to show is about 0.55^16 = 7 x 10^-5; with two it would be one run in three.
 Losing 30% each way was measured too and is not what this test needs: a round trip then fails
 half the time, TCP's retransmission backoff makes a 5.7 KB table answer take 9 s at the 90th
-percentile and over 60 s for 2-3% of requests (direct or through the relay alike), so a rank's
-wait could run out on TCP alone. The partition tests retry for certain and keep three ranks a
-host.
+percentile and over 60 s for at least 1 in 60 requests (direct or through the relay alike), so
+a rank's wait could run out on TCP alone. The partition tests retry for certain and keep
+three ranks a host.
 
 The worker's ranks wait for a go file while the test degrades the link, so every one of their
 attempts meets the fault. The faults: iptables DROP rules inside the namespaces and a delaying
