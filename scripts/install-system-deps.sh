@@ -4,6 +4,7 @@ set -euo pipefail
 
 packages=(
     iproute2   # ip netns: the multi-host tests
+    iptables   # packet loss and partitions on a host's link: the network-fault tests
     procps     # pkill/ps used by test clean-up
     curl       # the README tour and container checks
     chromium   # the status page test drives a real headless browser

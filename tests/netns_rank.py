@@ -3,17 +3,25 @@
 It does what an engine rank does at start-up: join the torch.distributed (gloo) world whose
 master is the leader host, then run the client's three steps against the leader's bootstrap
 server. ``--no-sync`` reproduces the original bug: register to ``<leader>:<this host's port>``.
-The outcome is printed as one JSON line (``{"ok": ...}`` or ``{"error": type, "message": ...}``).
+``--go-file`` holds the rank between the port sync and the registration until a test has
+degraded its link; ``--bootstrap-host`` registers through a local relay instead of the leader.
+``--leader-port`` skips step 1 (no torch.distributed world, no torch import): the rank starts
+with the port the sync would have given it, for tests of steps 2 and 3 that need many ranks.
+The client's log lines (INFO and up) go to the output; the outcome is the last line, one JSON
+object (``{"ok": ...}`` or ``{"error": type, "message": ...}``) with ``time.monotonic()`` marks
+(one clock for every process on the machine) so a test can time the phases.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
 from datetime import timedelta
+from pathlib import Path
 
 
 def main() -> None:
@@ -27,11 +35,16 @@ def main() -> None:
     parser.add_argument("--host-address", required=True)
     parser.add_argument("--no-sync", action="store_true")
     parser.add_argument("--delay-register", type=float, default=0.0)
+    parser.add_argument("--go-file", help="after the port sync, wait until this file exists")
+    parser.add_argument("--bootstrap-host", help="register here (on the synced port)")
+    parser.add_argument("--leader-port", type=int, help="skip the port sync: use this port")
     parser.add_argument("--retry-deadline", type=float, default=30.0)
+    parser.add_argument("--request-timeout", type=float, default=10.0)
     parser.add_argument("--wait-timeout", type=float, default=60.0)
     args = parser.parse_args()
-
-    import torch.distributed as dist
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
     from prefill_bootstrap.client import errors
     from prefill_bootstrap.client.addresses import bootstrap_url
@@ -41,13 +54,16 @@ def main() -> None:
     from prefill_bootstrap.client.retry import RetryPolicy
 
     dist_init_addr = f"{args.leader}:{args.master_port}"
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://{dist_init_addr}",
-        rank=args.rank,
-        world_size=args.world_size,
-        timeout=timedelta(seconds=60),
-    )
+    if args.leader_port is None:
+        import torch.distributed as dist
+
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://{dist_init_addr}",
+            rank=args.rank,
+            world_size=args.world_size,
+            timeout=timedelta(seconds=60),
+        )
     nnodes = args.world_size // args.ranks_per_host
     tp_size = args.ranks_per_host
     registration = {
@@ -61,21 +77,31 @@ def main() -> None:
     }  # fmt: skip
     retry = RetryPolicy(deadline=args.retry_deadline, attempts=1000, max_backoff=1.0)
     started = time.monotonic()
+    marks: dict[str, float] = {}
     try:
-        if args.no_sync or args.delay_register:
-            # Without sync: this host's own port, the bug. With a delay: take the leader's port
-            # now (a collective) and register later, so a test can kill the server or pull a
-            # cable between the two steps.
-            port = (
-                args.local_port
-                if args.no_sync
-                else sync_bootstrap_port(
+        manual = args.no_sync or args.delay_register or args.go_file or args.bootstrap_host
+        if manual or args.leader_port is not None:
+            # Without sync: this host's own port, the bug. Otherwise take the leader's port now
+            # (a collective, unless given) and register later, so a test can kill the server,
+            # pull a cable or degrade the link between the two steps.
+            if args.no_sync:
+                port = args.local_port
+            elif args.leader_port is not None:
+                port = args.leader_port
+            else:
+                port = sync_bootstrap_port(
                     args.local_port, dist_init_addr=dist_init_addr, nnodes=nnodes
                 )
-            )
             time.sleep(args.delay_register)
-            with BootstrapClient(bootstrap_url(args.leader, port), retry=retry) as client:
+            if args.go_file:
+                _wait_for_file(args.go_file, timeout=120)
+            marks["released_at"] = time.monotonic()
+            url = bootstrap_url(args.bootstrap_host or args.leader, port)
+            with BootstrapClient(
+                url, retry=retry, timeout=args.request_timeout, rank=args.rank
+            ) as client:
                 client.register(registration)
+                marks["registered_at"] = time.monotonic()
                 report = client.wait_until_complete(args.wait_timeout)
         else:
             report = bootstrap_prefill_rank(
@@ -85,17 +111,29 @@ def main() -> None:
                 nnodes=nnodes,
                 wait_timeout=args.wait_timeout,
                 retry=retry,
+                request_timeout=args.request_timeout,
             )
         outcome = {"ok": True, "complete": report.complete, "cells": report.registered_cells}
     except errors.BootstrapError as exc:
         outcome = {"error": type(exc).__name__, "message": str(exc)}
         if isinstance(exc, errors.TableIncomplete):
             outcome["missing"] = [list(cell) for cell in exc.missing]
+            outcome["waited"] = exc.waited_seconds
+    marks["finished_at"] = time.monotonic()
+    outcome.update(marks)
     outcome["rank"] = args.rank
     outcome["seconds"] = round(time.monotonic() - started, 3)
     print(json.dumps(outcome), flush=True)
     sys.stdout.flush()
     os._exit(0)  # no destroy_process_group: a peer behind a pulled cable would hang it
+
+
+def _wait_for_file(path: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{path} did not appear within {timeout}s")
+        time.sleep(0.05)
 
 
 if __name__ == "__main__":

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.netns import Host, HttpAnswer, Network, netns_unavailable_reason
+from tests.cluster import Cluster
+from tests.netns import Network, netns_unavailable_reason
 
 REASON = netns_unavailable_reason()
 if REASON and os.environ.get("CI"):
@@ -33,99 +31,10 @@ RANKS_PER_HOST = 2
 RANK_HOSTS = 3  # host0 is the leader; host3 is a decode-style reader with no ranks
 
 
-@dataclass
-class Cluster:
-    network: Network
-    tmp: Path
-    server_port: int = field(default_factory=lambda: random.randrange(20000, 30000))
-    master_port: int = field(default_factory=lambda: random.randrange(30000, 40000))
-    local_ports: list[int] = field(default_factory=list)
-    server: Any = None
-
-    def __post_init__(self) -> None:
-        # Every host reserved its own bootstrap port, as a per-host launcher does.
-        self.local_ports = [self.server_port] + [
-            self.server_port + 1000 * index for index in range(1, RANK_HOSTS)
-        ]
-
-    @property
-    def leader(self) -> Host:
-        return self.network.hosts[0]
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.leader.address}:{self.server_port}"
-
-    def start_server(self) -> None:
-        self.server = self.leader.popen(
-            [sys.executable, "-m", "prefill_bootstrap.client.cli", "serve",
-             "--host", "0.0.0.0", "--port", str(self.server_port),
-             "--state-dir", str(self.tmp / "state")],
-            self.tmp / "server.log",
-        )  # fmt: skip
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            answer = self.leader.http("GET", f"{self.url}/health")
-            if answer is not None and answer.status == 200:
-                return
-            assert self.server.poll() is None, (self.tmp / "server.log").read_text()
-            time.sleep(0.1)
-        raise AssertionError("the leader's server never became healthy")
-
-    def kill_server(self) -> None:
-        self.server.kill()
-        self.server.wait(timeout=10)
-
-    def start_ranks(
-        self, *, no_sync: bool = False, delays: dict[int, float] | None = None, **options: float
-    ) -> list[Any]:
-        ranks = []
-        world = RANKS_PER_HOST * RANK_HOSTS
-        for rank in range(world):
-            index = rank // RANKS_PER_HOST
-            host = self.network.hosts[index]
-            argv = [
-                sys.executable, str(TESTS / "netns_rank.py"),
-                "--rank", str(rank), "--world-size", str(world),
-                "--ranks-per-host", str(RANKS_PER_HOST),
-                "--leader", self.leader.address, "--master-port", str(self.master_port),
-                "--local-port", str(self.local_ports[index]), "--host-address", host.address,
-            ]  # fmt: skip
-            if no_sync:
-                argv.append("--no-sync")
-            if delays and index in delays:
-                argv += ["--delay-register", str(delays[index])]
-            for name, value in options.items():
-                argv += [f"--{name.replace('_', '-')}", str(value)]
-            log = self.tmp / f"rank{rank}.log"
-            ranks.append((host.popen(argv, log), log))
-        return ranks
-
-    def results(self, ranks: list[Any], timeout: float = 120) -> list[dict[str, Any]]:
-        outcomes = []
-        for process, log in ranks:
-            process.wait(timeout=timeout)
-            lines = [line for line in log.read_text().splitlines() if line.startswith("{")]
-            assert lines, f"{log.name} printed no outcome:\n{log.read_text()[-3000:]}"
-            outcomes.append(json.loads(lines[-1]))
-        return outcomes
-
-    def get(self, path: str, host: Host | None = None) -> HttpAnswer:
-        answer = (host or self.leader).http("GET", f"{self.url}{path}")
-        assert answer is not None, f"GET {path} failed"
-        return answer
-
-    def table(self) -> dict[str, Any]:
-        return self.get("/prefill_port_table").json()
-
-    def cells_of(self, host_index: int) -> list[list[int]]:
-        return [[0, 0, tp, host_index] for tp in range(RANKS_PER_HOST)]
-
-
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     with Network(RANK_HOSTS + 1) as network:
-        yield Cluster(network, tmp_path)
+        yield Cluster(network, tmp_path, ranks_per_host=RANKS_PER_HOST, rank_hosts=RANK_HOSTS)
 
 
 def test_every_rank_on_every_host_registers_at_the_leaders_port(cluster: Cluster) -> None:
