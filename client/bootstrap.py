@@ -53,7 +53,8 @@ def bootstrap_prefill_rank(
     ``BootstrapClient.table()`` for the table itself. ``local_port`` is this node's
     ``--disaggregation-bootstrap-port``; ``local_host`` is where the server is in single-node
     mode (wildcards become loopback). ``wait_timeout=None`` skips the wait and returns the
-    readiness right after registering (``complete`` may then be False).
+    readiness right after registering (``complete`` may then be False). A reset of the table
+    while the rank waits makes it register again (``GroupReset`` only at the deadline).
 
     Raises ``DistributedNotInitialized`` (multi-node without torch.distributed),
     ``RegistrationFailed`` (server unreachable past the retry policy), ``RequestRejected`` (the
@@ -92,4 +93,4 @@ def bootstrap_prefill_rank(
             LeaseKeeper(connect(), reg).start()
         if wait_timeout is None:
             return client.readiness()
-        return client.wait_until_ready(wait_timeout)
+        return client.wait_as_registered([reg], wait_timeout)

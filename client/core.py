@@ -24,6 +24,7 @@ from prefill_bootstrap.client.errors import (
     BootstrapError,
     CellNotFound,
     ConfigurationError,
+    GroupReset,
     PortTableUnavailable,
     RegistrationFailed,
     RequestRejected,
@@ -34,6 +35,7 @@ from prefill_bootstrap.client.errors import (
 )
 from prefill_bootstrap.client.protocol import (
     HEARTBEAT_PATH,
+    INSTANCE_HEADER,
     READY_PATH,
     ROUTE_PATH,
     SERVER_INFO_QUERY,
@@ -168,25 +170,37 @@ class Core:
             )
         self.headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
         self.who = f"Rank {rank}" if rank is not None else "The bootstrap client"
+        self.registered_instance: str | None = None
+        """The group instance this client's last registration was acknowledged under (our
+        server says so on every answer; SGLang's does not)."""
+
+    def check_instance(self, report: ReadyReport) -> None:
+        """A wait after registering must be about the group the rank registered in."""
+        registered = self.registered_instance
+        if registered is not None and report.instance_id != registered:
+            raise GroupReset(self.base_url, registered, report.instance_id)
 
     def url(self, call: Call[Any]) -> str:
         return self.base_url + call.path
 
     # -- the calls -------------------------------------------------------------------------------
 
-    def register_call(self, registration: Registration) -> tuple[RankRegistration, Call[None]]:
+    def register_call(
+        self, registration: Registration
+    ) -> tuple[RankRegistration, Call[str | None]]:
+        """``PUT /route``; the call answers the instance the registration was acknowledged in."""
         reg = as_registration(registration)
         cell = format_cell(reg.cell)
-        call: Call[None] = Call(
+        call: Call[str | None] = Call(
             "PUT",
             ROUTE_PATH,
             action=f"register cell {cell} as {reg.rank_ip}:{reg.rank_port}",
             noun="registration",
-            read=lambda response: None,
             policy=self.retry,
             timeout=httpx.Timeout(self.timeout),
             json=reg.wire(),
             registering=True,
+            read=lambda response: response.headers.get(INSTANCE_HEADER),
         )
         return reg, call
 
@@ -256,6 +270,14 @@ class Core:
             not_found=lambda: PortTableUnavailable(self.base_url + TABLE_PATH),
         )
 
+    def _long_poll_params(self, wait: float) -> dict[str, str] | None:
+        """``wait``, and the instance this client registered in: the server answers at once if
+        the group has been reset since, rather than parking the poll on the new group."""
+        params = {"wait": f"{wait:.3f}"} if wait > 0 else {}
+        if params and self.registered_instance is not None:
+            params["instance"] = self.registered_instance
+        return params or None
+
     def deadline_retry(self) -> RetryPolicy:
         """A wait's last request, after its deadline (the table naming what is missing): one
         request timeout's worth of retries, so a dead server cannot stretch the wait."""
@@ -272,7 +294,7 @@ class Core:
             read=_read_ready,
             policy=policy,
             timeout=httpx.Timeout(self.timeout, read=self.timeout + wait),
-            params={"wait": f"{wait:.3f}"} if wait > 0 else None,
+            params=self._long_poll_params(wait),
             not_found=lambda: PortTableUnavailable(self.base_url + READY_PATH),
             answers=frozenset({503}),
         )
@@ -391,7 +413,9 @@ class Core:
 
     # -- outcomes worth a log line ---------------------------------------------------------------
 
-    def registered(self, reg: RankRegistration) -> None:
+    def registered(self, reg: RankRegistration, instance_id: str | None) -> None:
+        if instance_id is not None:
+            self.registered_instance = instance_id
         log.info(
             "%s registered cell %s as %s:%d at %s.",
             self.who,
@@ -400,6 +424,9 @@ class Core:
             reg.rank_port,
             self.base_url,
         )
+
+    def registering_again(self, reset: GroupReset) -> None:
+        log.warning("%s registers again: %s.", self.who, reset)
 
     def waiting(self, report: ReadyReport, plan: WaitPlan) -> None:
         log.info(

@@ -15,6 +15,7 @@ __all__ = [
     "CellNotFound",
     "ConfigurationError",
     "DistributedNotInitialized",
+    "GroupReset",
     "LeaseNotHeld",
     "PortInUse",
     "PortSyncFailed",
@@ -131,6 +132,20 @@ class LeaseNotHeld(BootstrapError):
             f"cell {format_cell(cell)} is held by {holder.rank_ip}:{holder.rank_port}, not "
             f"{offered.rank_ip}:{offered.rank_port}; this rank was replaced — stop its heartbeat "
             "or register again"
+        )
+
+
+class GroupReset(BootstrapError):
+    """The port table was reset after this rank registered: its cell is gone, and a "complete"
+    answer would be about a group it is not in. ``register_and_wait`` registers again."""
+
+    def __init__(self, url: str, registered_under: str, now: str) -> None:
+        self.url = url
+        self.registered_under = registered_under
+        self.now = now
+        super().__init__(
+            f"the port table at {url} was reset after this rank registered (instance "
+            f"{registered_under}, now {now}): its cell is no longer in the group; register again"
         )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import httpx
@@ -22,7 +23,7 @@ from prefill_bootstrap.client.core import (
     WaitPlan,
     describe_invalid,
 )
-from prefill_bootstrap.client.errors import BootstrapError, PortTableUnavailable
+from prefill_bootstrap.client.errors import BootstrapError, GroupReset, PortTableUnavailable
 from prefill_bootstrap.client.protocol import Cell, RankAddress, TableReport
 from prefill_bootstrap.client.readiness import BUILTIN_POLL_SECONDS, Readiness
 from prefill_bootstrap.client.retry import DEFAULT_RETRY, RetryPolicy
@@ -97,10 +98,31 @@ class BootstrapClient:
         return retrying(self._once, call)
 
     def register(self, registration: Registration) -> None:
-        """``PUT /route``; transient failures are retried, a 4xx raises ``RequestRejected``."""
+        """``PUT /route``; transient failures are retried, a 4xx raises ``RequestRejected``.
+        A wait afterwards raises ``GroupReset`` if the table is reset under it."""
         reg, call = self._core.register_call(registration)
-        self._run(call)
-        self._core.registered(reg)
+        self._core.registered(reg, self._run(call))
+
+    def wait_as_registered(
+        self,
+        registrations: Sequence[Registration],
+        timeout: float,
+        *,
+        expected_cells: int | None = None,
+    ) -> Readiness:
+        """After registering ``registrations``: wait until the group is complete; if the table
+        is reset meanwhile (``GroupReset``), register them again and go on waiting, all within
+        ``timeout``."""
+        plan = WaitPlan(timeout)
+        while True:
+            try:
+                return self.wait_until_ready(plan.remaining(), expected_cells=expected_cells)
+            except GroupReset as reset:
+                if plan.remaining() <= 0:
+                    raise
+                self._core.registering_again(reset)
+                for registration in registrations:
+                    self.register(registration)
 
     def heartbeat(self, registration: Registration) -> float | None:
         """Renew a leased cell (``POST /heartbeat``); the new expiry, or None without a lease.
@@ -156,6 +178,7 @@ class BootstrapClient:
             poll_started = time.monotonic()
             call = self._core.ready_call(poll, self._core.retry.within(plan.remaining()))
             report = self._run(call)
+            self._core.check_instance(report)
             if report.ready:
                 return self._core.ready(report, plan)
             if plan.remaining() <= 0:
@@ -236,8 +259,7 @@ class AsyncBootstrapClient:
 
     async def register(self, registration: Registration) -> None:
         reg, call = self._core.register_call(registration)
-        await self._run(call)
-        self._core.registered(reg)
+        self._core.registered(reg, await self._run(call))
 
     async def heartbeat(self, registration: Registration) -> float | None:
         return await self._run(self._core.heartbeat_call(registration))
@@ -281,6 +303,7 @@ class AsyncBootstrapClient:
             poll_started = time.monotonic()
             call = self._core.ready_call(poll, self._core.retry.within(plan.remaining()))
             report = await self._run(call)
+            self._core.check_instance(report)
             if report.ready:
                 return self._core.ready(report, plan)
             if plan.remaining() <= 0:

@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_PORT",
     "HEALTH_PATH",
     "HEARTBEAT_PATH",
+    "INSTANCE_HEADER",
     "MAX_BODY_BYTES",
     "MAX_QUERY_ROOMS",
     "MAX_RANK",
@@ -61,6 +62,8 @@ HEALTH_PATH = "/health"
 READY_PATH = "/ready"
 TABLE_PATH = "/prefill_port_table"
 HEARTBEAT_PATH = "/heartbeat"
+INSTANCE_HEADER = "x-sglang-disaggregation-instance-id"
+"""On every answer of our server: the group's instance (a reset makes a new one)."""
 MAX_BODY_BYTES = 1 << 20
 MAX_ROOM = (1 << 63) - 1
 SERVER_INFO_QUERY = {

@@ -105,10 +105,13 @@ class RankBootstrap:
                 f"SGLang addressed this rank's rows to several servers: {bases}"
             )
         with self._client(bases.pop(), token) as client:
-            for _, payload in rows:
+            payloads = [payload for _, payload in rows]
+            for payload in payloads:
                 client.register(payload)
-            client.wait_until_ready(
-                self.settings.wait_timeout_seconds, expected_cells=_expected_cells(rows[-1])
+            client.wait_as_registered(
+                payloads,
+                self.settings.wait_timeout_seconds,
+                expected_cells=_expected_cells(rows[-1]),
             )
 
     def _base_url(self, row_url: str) -> str:

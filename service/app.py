@@ -31,7 +31,7 @@ from prefill_bootstrap.client.protocol import (
     TableReport,
 )
 from prefill_bootstrap.service import answers
-from prefill_bootstrap.service.fastpath import FrontDoor
+from prefill_bootstrap.service.fastpath import FrontDoor, wait_while_connected
 from prefill_bootstrap.service.http_errors import (
     error_response,
     install_error_handlers,
@@ -79,6 +79,13 @@ async def _parse(request: Request, model: type[Body]) -> Body:
         raise _invalid_body(exc) from exc
 
 
+InstanceQuery = Annotated[
+    str | None,
+    Query(
+        description="the group instance the caller registered in: a long poll about another "
+        "instance (the table was reset since) is answered at once"
+    ),
+]
 WaitQuery = Annotated[
     answers.WaitSeconds,
     Query(description="long poll: answer as soon as complete, or after this long"),
@@ -223,9 +230,10 @@ def create_app(
         summary="Readiness: 200 only when every cell of the topology is registered.",
         responses={503: {"description": "incomplete; the body lists the missing cells"}},
     )
-    async def ready(wait: WaitQuery = 0) -> Response:
-        registry.expire_leases()
-        await registry.wait_until_complete(wait)
+    async def ready(
+        request: Request, wait: WaitQuery = 0, instance: InstanceQuery = None
+    ) -> Response:
+        await wait_while_connected(registry, wait, instance, request.receive)
         return reply_response(answers.ready(registry))
 
     @app.get(
@@ -233,9 +241,10 @@ def create_app(
         summary="The whole port table for humans and scripts.",
         response_model=TableReport,
     )
-    async def prefill_port_table(wait: WaitQuery = 0) -> Response:
-        registry.expire_leases()
-        await registry.wait_until_complete(wait)
+    async def prefill_port_table(
+        request: Request, wait: WaitQuery = 0, instance: InstanceQuery = None
+    ) -> Response:
+        await wait_while_connected(registry, wait, instance, request.receive)
         return reply_response(answers.port_table(registry))
 
     @app.delete(

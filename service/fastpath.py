@@ -13,6 +13,7 @@ thousands of ranks at once.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -24,9 +25,9 @@ from prefill_bootstrap.service import answers
 from prefill_bootstrap.service.registry import Registry
 from prefill_bootstrap.service.replies import Reply, error_reply
 from prefill_bootstrap.service.ui_routes import UI_PATHS
-from prefill_bootstrap.service.waiters import Parked
+from prefill_bootstrap.service.waiters import OnWake, Parked
 
-__all__ = ["INSTANCE_HEADER", "FrontDoor"]
+__all__ = ["INSTANCE_HEADER", "FrontDoor", "wait_while_connected"]
 
 log = logging.getLogger("prefill_bootstrap.server")
 
@@ -73,6 +74,28 @@ def _bearer_token(credentials: bytes) -> bytes:
     and ``BEARER`` count too. Anything else yields no token."""
     scheme, _, token = credentials.partition(b" ")
     return token.strip(b" ") if scheme.lower() == b"bearer" else b""
+
+
+async def wait_while_connected(
+    registry: Registry, seconds: float, instance: str | None, receive: Receive
+) -> None:
+    """An ASGI long poll (HTTP/1.0, ``Connection: close``, pipelined, or FastAPI-only): wait
+    for the table like a lean-door one, and stop waiting, unparked, the moment the client
+    disconnects, so abandoned waits hold nothing until their deadline."""
+    if not registry.must_wait(seconds, instance):
+        return
+    waiting = asyncio.ensure_future(registry.wait_until_complete(seconds, instance))
+    leaving = asyncio.ensure_future(_disconnect(receive))
+    try:
+        await asyncio.wait({waiting, leaving}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+        leaving.cancel()
+
+
+async def _disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _params(query: bytes) -> dict[str, str]:
@@ -182,12 +205,15 @@ class FrontDoor:
         table), or None: answer at once (``hot_reply``, which also refuses a bad ``wait``)."""
         if method != "GET" or path not in _LONG_POLLS:
             return None
-        seconds = answers.long_poll_seconds(_params(query))
-        if isinstance(seconds, Reply) or not self.registry.must_wait(seconds):
+        params = _params(query)
+        seconds = answers.long_poll_seconds(params)
+        if isinstance(seconds, Reply):
+            return None
+        if not self.registry.must_wait(seconds, params.get("instance")):
             return None
         return seconds
 
-    def park(self, seconds: float, on_wake: Callable[[], None]) -> Parked:
+    def park(self, seconds: float, on_wake: OnWake) -> Parked:
         return self.registry.park_until_complete(seconds, on_wake)
 
     def long_poll_reply(self, path: str) -> Reply:
@@ -255,7 +281,8 @@ class FrontDoor:
             query = scope["query_string"]
             seconds = self.long_poll(method, path, query)
             if seconds is not None:
-                await self.registry.wait_until_complete(seconds)
+                instance = _params(query).get("instance")
+                await wait_while_connected(self.registry, seconds, instance, receive)
                 return await self._send(send, self.long_poll_reply(path))
             return await self._send(send, self.hot_reply(method, path, query, body))
         if self.is_registration(method, path):

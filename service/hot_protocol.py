@@ -45,6 +45,10 @@ __all__ = ["hot_path_protocol"]
 log = logging.getLogger("prefill_bootstrap.server")
 
 
+_JOIN_BODY_BYTES = 16384
+"""Bodies up to this size go out in the same write as their head (one syscall)."""
+
+
 class _NoWaiters:
     def set(self) -> None:
         """uvicorn sets a lost connection's cycle event; nothing waits on a placeholder's."""
@@ -60,13 +64,10 @@ class _Answering:
     to any cycle it did not start itself.
     """
 
-    __slots__ = ("disconnected", "keep_alive", "parked", "response_complete")
+    __slots__ = ("disconnected", "keep_alive", "response_complete")
     message_event = _NoWaiters()
 
     def __init__(self) -> None:
-        self.parked: Parked | None = None
-        """A long poll's place among the waiters: unparked when its client leaves (a
-        registration, in contrast, stands)."""
         self.response_complete = False
         self.disconnected = False
         self.keep_alive = True
@@ -87,6 +88,10 @@ class _HotPathProtocol(HttpToolsProtocol):
         self._began_in_read = False
         self._in_head = False
         self._header_timer: asyncio.TimerHandle | None = None
+        self._parked: Parked | None = None
+        """This connection's long poll among the waiters, unparked when its client leaves (a
+        registration, in contrast, stands). Kept here, not on the cycle: a request pipelined
+        behind the long poll becomes uvicorn's cycle."""
 
     # -- bounded request lines and headers -----------------------------------------------------
 
@@ -169,9 +174,9 @@ class _HotPathProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
         self._disarm_header_timer()
         self._release_slot()
-        cycle = self.cycle
-        if isinstance(cycle, _Answering) and cycle.parked is not None:
-            cycle.parked.cancel()
+        if self._parked is not None:
+            self._parked.cancel()
+            self._parked = None
 
     def _release_slot(self) -> None:
         if self.slot is not None:
@@ -191,6 +196,11 @@ class _HotPathProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._awaiting_headers = self._in_head = False
         self._disarm_header_timer()
+        if self._parked is not None:
+            # A request pipelined behind a parked long poll ends its wait now, answered with
+            # the table as it stands: uvicorn stops reading a connection with a request queued,
+            # so a client that then went away would go unnoticed until the poll's deadline.
+            self._parked.run_now()
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
         if size > self.front.max_header_bytes:
             self._refuse_head(431, "headers_too_large", self._too_large(size))
@@ -259,16 +269,17 @@ class _HotPathProtocol(HttpToolsProtocol):
         placeholder = _Answering()
         self.cycle = placeholder  # type: ignore[assignment]
         on_wake = functools.partial(self._woken, placeholder, method, route, started)
-        placeholder.parked = self.front.park(seconds, on_wake)
+        self._parked = self.front.park(seconds, on_wake)
 
-    def _woken(self, placeholder: _Answering, method: str, route: str, started: float) -> None:
-        placeholder.parked = None
+    def _woken(self, placeholder: _Answering, method: str, route: str, started: float) -> int:
+        """Answer a parked long poll; the bytes written (the waiters pace wake-ups by them)."""
+        self._parked = None
         placeholder.response_complete = True
         if self.transport.is_closing():
-            return
+            return 0
         reply = self.front.long_poll_reply(route)
         self.front.observe(method, route, reply.status, started)
-        self._finish(placeholder, reply)
+        return self._finish(placeholder, reply)
 
     def _answer_later(
         self, answering: Coroutine[Any, Any, Reply], method: str, route: str, started: float
@@ -305,13 +316,14 @@ class _HotPathProtocol(HttpToolsProtocol):
             return  # the client went away (a registration stands)
         self._finish(placeholder, reply)
 
-    def _finish(self, placeholder: _Answering, reply: Reply) -> None:
-        self._write(reply)
+    def _finish(self, placeholder: _Answering, reply: Reply) -> int:
+        written = self._write(reply)
         if not placeholder.keep_alive:
             self.transport.close()
         self.on_response_complete()
+        return written
 
-    def _write(self, reply: Reply) -> None:
+    def _write(self, reply: Reply) -> int:
         parts = [STATUS_LINE[reply.status]]
         for name, value in self.server_state.default_headers:
             parts += [name, b": ", value, b"\r\n"]
@@ -319,9 +331,13 @@ class _HotPathProtocol(HttpToolsProtocol):
             b"content-type: ", reply.content_type, b"\r\n",
             b"content-length: %d\r\n" % len(reply.body),
             INSTANCE_HEADER, b": ", self.front.registry.instance_id.encode(), b"\r\n\r\n",
-            reply.body,
         ]  # fmt: skip
-        self.transport.write(b"".join(parts))
+        if len(reply.body) <= _JOIN_BODY_BYTES:
+            self.transport.write(b"".join([*parts, reply.body]))
+        else:  # a shared table body of a megabyte is not copied once per waiter
+            self.transport.write(b"".join(parts))
+            self.transport.write(reply.body)
+        return len(reply.body)
 
 
 def _peer(client: tuple[str, int] | None) -> str:

@@ -28,7 +28,7 @@ from prefill_bootstrap.service.store import (
     new_instance_id,
 )
 from prefill_bootstrap.service.table import Outcome, PortTable, Registered, Topology
-from prefill_bootstrap.service.waiters import Parked, Waiters
+from prefill_bootstrap.service.waiters import OnWake, Parked, Waiters
 
 __all__ = ["Registry"]
 
@@ -76,7 +76,10 @@ class Registry:
         self.waiters = Waiters()
         self._waited_for = self._what_waiters_wait_for()
         self._renewals = 0
-        self._resetting: asyncio.Future[None] | None = None
+        self._resets_in_flight = 0
+        self._resets_settled: asyncio.Future[None] | None = None
+        """Resolved once no reset is being written: registrations wait for it."""
+        self._closing = False
         self._cache_version: tuple[str, int, int] | None = None
         self._cache: dict[Any, bytes] = {}
         if self.table.registered_count:
@@ -93,8 +96,8 @@ class Registry:
     async def register(self, registration: RankRegistration, protocol: str = "3") -> Registered:
         """Plan the change, make it durable, and only then serve it: a registration answered
         503 never reaches a decode, and a restart finds exactly what was acknowledged."""
-        while self._resetting is not None:  # plan against the group the reset leaves
-            await asyncio.shield(self._resetting)
+        while self._resets_settled is not None:  # plan against the group the resets leave
+            await asyncio.shield(self._resets_settled)
         now = self.clock()
         # The table this registration is planned against is the one it commits into. A reset
         # while it waits for the disk swaps ``self.table``, and the reset's write follows this
@@ -178,15 +181,22 @@ class Registry:
     async def reset(self) -> str:
         """Durable first, then applied: a reset whose write fails leaves the group as it was."""
         instance_id = new_instance_id()
-        done = self._resetting = asyncio.get_running_loop().create_future()
+        if self._resets_settled is None:
+            self._resets_settled = asyncio.get_running_loop().create_future()
+        self._resets_in_flight += 1
         try:
             await self._persist([instance_id])
+            self.table = PortTable()
+            self.rooms = RoomTable(self.settings.room_ttl_seconds, self.settings.room_capacity)
+            self.instance_id = instance_id
         finally:
-            self._resetting = None
-            done.set_result(None)
-        self.table = PortTable()
-        self.rooms = RoomTable(self.settings.room_ttl_seconds, self.settings.room_capacity)
-        self.instance_id = instance_id
+            # Registrations are held until every reset in flight is written (two resets close
+            # together: one sent between them would be planned against the first's table yet
+            # written after the second).
+            self._resets_in_flight -= 1
+            if self._resets_in_flight == 0 and self._resets_settled is not None:
+                self._resets_settled.set_result(None)
+                self._resets_settled = None
         self._notify()
         log.warning("Reset the port table; new instance %s.", instance_id)
         return instance_id
@@ -236,17 +246,24 @@ class Registry:
 
     # -- waiting -------------------------------------------------------------------------------
 
-    def must_wait(self, seconds: float) -> bool:
-        """Whether a long poll asking to wait ``seconds`` has anything to wait for."""
-        return seconds > 0 and self.settings.max_wait_seconds > 0 and not self.table.is_complete
+    def must_wait(self, seconds: float, instance: str | None = None) -> bool:
+        """Whether a long poll asking to wait ``seconds`` has anything to wait for. One about
+        another ``instance`` than the group's (its rank registered before a reset) has not:
+        it is answered at once, so the rank learns of the reset."""
+        if self._closing or seconds <= 0 or self.settings.max_wait_seconds <= 0:
+            return False
+        if instance is not None and instance != self.instance_id:
+            return False
+        self.expire_leases()  # a lease that ran out since the last sweep counts as missing
+        return not self.table.is_complete
 
-    async def wait_until_complete(self, seconds: float) -> None:
+    async def wait_until_complete(self, seconds: float, instance: str | None = None) -> None:
         """Long poll: return once the table is complete or is a new instance, at shutdown, or
         after ``seconds`` (at most ``--max-wait``), whichever comes first."""
-        if self.must_wait(seconds):
+        if self.must_wait(seconds, instance):
             await self.waiters.wait(min(seconds, self.settings.max_wait_seconds))
 
-    def park_until_complete(self, seconds: float, on_wake: Callable[[], None]) -> Parked:
+    def park_until_complete(self, seconds: float, on_wake: OnWake) -> Parked:
         """The same for a callback (the lean door): no task per waiter. Call only when
         ``must_wait(seconds)``."""
         return self.waiters.park(min(seconds, self.settings.max_wait_seconds), on_wake)
@@ -266,7 +283,9 @@ class Registry:
         return body
 
     def release_waiters(self) -> None:
-        """At shutdown: every parked long poll answers now, with the table as it stands."""
+        """At shutdown: every parked long poll answers now, with the table as it stands, and
+        none parks from now on (a request pipelined behind one is answered at once too)."""
+        self._closing = True
         self.waiters.wake_all()
 
     def close(self) -> None:

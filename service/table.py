@@ -271,6 +271,11 @@ class PortTable:
         self.conflicts: deque[Conflict] = deque(maxlen=HISTORY_LIMIT)
         self.version = 0
         self._renewed_at: dict[Cell, float] = {}
+        self._next_expiry = 0.0
+        """No live lease runs out before this time: ``expire_leases`` looks at the cells only
+        from then on (every read checks, and a group can lease thousands of cells). Renewals
+        only push expiries later, so it is never too late; it may be early, then one look
+        moves it on."""
         self._expired: set[Cell] = set()
         self._live = bytearray()
         """One byte per expected cell, in ``Topology.cells()`` order: 1 when registered and
@@ -367,6 +372,9 @@ class PortTable:
             self._renewed_at.pop(cell, None)
         else:
             self._renewed_at[cell] = record.last_registered_at
+            self._next_expiry = min(
+                self._next_expiry, record.last_registered_at + record.lease_seconds
+            )
         self.version += 1
         return replace(
             planned,
@@ -438,6 +446,7 @@ class PortTable:
         if record.lease_seconds is None:
             return None
         self._renewed_at[cell] = now
+        self._next_expiry = min(self._next_expiry, now + record.lease_seconds)
         if cell in self._expired:
             self._set_live(cell, True)
             self.version += 1
@@ -445,12 +454,17 @@ class PortTable:
 
     def expire_leases(self, now: float) -> list[Cell]:
         """Mark cells whose lease ran out; they count as missing until they renew."""
-        newly = [
-            cell
+        if now < self._next_expiry:
+            return []
+        live = {
+            cell: renewed_at + (self._cells[cell].lease_seconds or 0)
             for cell, renewed_at in self._renewed_at.items()
             if cell not in self._expired
-            and renewed_at + (self._cells[cell].lease_seconds or 0) <= now
-        ]
+        }
+        newly = [cell for cell, expires_at in live.items() if expires_at <= now]
+        self._next_expiry = min(
+            (expires_at for expires_at in live.values() if expires_at > now), default=float("inf")
+        )
         for cell in newly:
             self._set_live(cell, False)
         if newly:

@@ -8,8 +8,9 @@ table became complete, or the group's instance changed), or at shutdown. The lea
 callback writes the shared, already serialised answer straight to its socket: no task, no
 coroutine, so the first rank hears within a few writes of the change.
 
-Waking runs in slices of ``WAKE_SLICE`` callbacks per event-loop turn, so a registration or a
-``/health`` arriving meanwhile waits for one slice, not for every waiter.
+Waking starts on the next event-loop turn (the change that woke them is answered first) and runs
+in slices of at most ``WAKE_SLICE`` waiters or ``WAKE_SLICE_BYTES`` of answers per turn, so a
+registration or a ``/health`` arriving meanwhile waits for one slice, not for every waiter.
 """
 
 from __future__ import annotations
@@ -18,12 +19,17 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-__all__ = ["WAKE_SLICE", "Parked", "Waiters"]
+__all__ = ["WAKE_SLICE", "WAKE_SLICE_BYTES", "OnWake", "Parked", "Waiters"]
 
 log = logging.getLogger(__name__)
 
 WAKE_SLICE = 256
-"""Waiters answered per event-loop turn when the table completes."""
+"""Most waiters answered per event-loop turn when the table completes."""
+WAKE_SLICE_BYTES = 4 << 20
+"""Most answer bytes written per turn (4096 waiters of a 1 MB table would be 4 GB)."""
+
+OnWake = Callable[[], int | None]
+"""A waiter's callback; it may return the bytes it wrote, which pace the slices."""
 
 
 class Parked:
@@ -32,21 +38,24 @@ class Parked:
 
     __slots__ = ("_on_wake", "_timer", "_waiters")
 
-    def __init__(self, waiters: Waiters, on_wake: Callable[[], None]) -> None:
+    def __init__(self, waiters: Waiters, on_wake: OnWake) -> None:
         self._waiters = waiters
-        self._on_wake: Callable[[], None] | None = on_wake
+        self._on_wake: OnWake | None = on_wake
         self._timer: asyncio.TimerHandle | None = None
+
+    def run_now(self) -> None:
+        """Run its callback now, as if woken."""
+        self._run()
 
     def cancel(self) -> None:
         """Forget it without running its callback."""
         self._on_wake = None
         self._disarm()
 
-    def _run(self) -> None:
+    def _run(self) -> int:
         on_wake, self._on_wake = self._on_wake, None
         self._disarm()
-        if on_wake is not None:
-            on_wake()
+        return (on_wake() or 0) if on_wake is not None else 0
 
     def _disarm(self) -> None:
         self._waiters._parked.pop(self, None)
@@ -64,7 +73,7 @@ class Waiters:
     def __len__(self) -> int:
         return len(self._parked)
 
-    def park(self, seconds: float, on_wake: Callable[[], None]) -> Parked:
+    def park(self, seconds: float, on_wake: OnWake) -> Parked:
         """Run ``on_wake`` when woken or after ``seconds``, whichever comes first."""
         parked = Parked(self, on_wake)
         parked._timer = asyncio.get_running_loop().call_later(seconds, parked._run)
@@ -91,16 +100,17 @@ class Waiters:
         parking after this call wait for the next change."""
         batch, self._parked = list(self._parked), {}
         if batch:
-            _wake_slices(batch, 0)
+            asyncio.get_running_loop().call_soon(_wake_slices, batch, 0)
         return len(batch)
 
 
 def _wake_slices(batch: list[Parked], start: int) -> None:
-    end = start + WAKE_SLICE
-    for parked in batch[start:end]:
+    end, written = start, 0
+    while end < len(batch) and end - start < WAKE_SLICE and written < WAKE_SLICE_BYTES:
         try:
-            parked._run()
+            written += batch[end]._run()
         except Exception:  # one waiter's failure must not leave the others parked
             log.exception("Answering a parked long poll failed.")
+        end += 1
     if end < len(batch):
         asyncio.get_running_loop().call_soon(_wake_slices, batch, end)

@@ -16,6 +16,7 @@ import pytest
 
 from prefill_bootstrap.client.errors import (
     ConfigurationError,
+    GroupReset,
     PortTableUnavailable,
     TableIncomplete,
 )
@@ -122,3 +123,36 @@ async def test_the_async_client_waits_at_sglangs_server_the_same_way() -> None:
     ) as client:
         ready = await client.wait_until_ready(10.0, builtin_poll_interval=POLL)
     assert ready.server == BUILTIN_SERVER
+
+
+def test_a_reset_after_registering_is_not_mistaken_for_a_complete_group(
+    app_factory: Callable[..., Any], blocking_transport: Callable[[Any], httpx.BaseTransport]
+) -> None:
+    transport = blocking_transport(app_factory())
+    rank = BootstrapClient(URL, transport=transport, retry=FAST)
+    operator = BootstrapClient(URL, transport=transport, retry=FAST)
+    rank.register(sglang_registration(attn_tp_rank=0))
+    httpx.Client(transport=transport, base_url=URL).delete("/prefill_port_table")
+    operator.register(sglang_registration(attn_tp_size=1, attn_tp_rank=0, rank_port=42000))
+    with pytest.raises(GroupReset) as caught:
+        rank.wait_until_ready(2.0)
+    assert caught.value.now != caught.value.registered_under
+    assert "register again" in str(caught.value)
+
+
+def test_a_rank_waiting_through_a_reset_registers_again_and_sees_its_group_complete(
+    app_factory: Callable[..., Any], blocking_transport: Callable[[Any], httpx.BaseTransport]
+) -> None:
+    transport = blocking_transport(app_factory())
+    rank = BootstrapClient(URL, transport=transport, retry=FAST)
+    mine = sglang_registration(attn_tp_rank=0)
+    rank.register(mine)
+    httpx.Client(transport=transport, base_url=URL).delete("/prefill_port_table")
+    BootstrapClient(URL, transport=transport, retry=FAST).register(
+        sglang_registration(attn_tp_rank=1, rank_port=41001)
+    )
+    ready = rank.wait_as_registered([mine], 5.0)
+    assert (ready.complete, ready.registered_cells) == (True, 2)
+    table = rank.table()
+    assert table.instance_id == ready.instance_id
+    assert sorted((cell.tp, cell.rank_port) for cell in table.cells) == [(0, 41000), (1, 41001)]

@@ -22,7 +22,7 @@ from prefill_bootstrap.client.protocol import RankRegistration
 from prefill_bootstrap.service import ServerSettings, create_app
 from prefill_bootstrap.service.answers import port_table, ready
 from prefill_bootstrap.service.store import MemoryStore
-from prefill_bootstrap.service.waiters import Waiters
+from prefill_bootstrap.service.waiters import WAKE_SLICE_BYTES, Waiters
 from tests.conftest import ServerProcess, asgi_client, sglang_registration
 
 Factory = Callable[..., ServerProcess]
@@ -215,3 +215,97 @@ async def test_waiters_parked_after_a_wake_wait_for_the_next_one() -> None:
     await asyncio.sleep(0)
     assert woken == ["first"]
     assert len(waiters) == 1
+
+
+async def test_a_request_pipelined_behind_a_long_poll_ends_its_wait_and_both_are_answered_in_order(
+    server: ServerProcess,
+) -> None:
+    """uvicorn stops reading a connection with a request queued, so a parked poll would not
+    notice its client leaving: the pipelined request ends the wait instead."""
+    await put(server, rank(0))
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(
+        b"GET /ready?wait=300 HTTP/1.1\r\nHost: t\r\n\r\nGET /health HTTP/1.1\r\nHost: t\r\n\r\n"
+    )
+    await writer.drain()
+    status, body, waited = await Waiter(reader, writer).answer(timeout=5)
+    assert (status, body["ready"]) == (503, False)
+    assert waited < 2
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    assert await reader.readexactly(2) == b"OK"
+    assert parked(server) == 0
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        "GET /ready?wait=300 HTTP/1.0\r\n\r\n",
+        "GET /ready?wait=300 HTTP/1.1\r\nConnection: close\r\n\r\n",
+    ],
+)
+async def test_a_wait_answered_by_the_asgi_door_is_forgotten_when_its_client_leaves(
+    server: ServerProcess, head: str
+) -> None:
+    await put(server, rank(0))
+    connections = []
+    for _ in range(20):
+        _, writer = await asyncio.open_connection(server.host, server.port)
+        writer.write(head.encode())
+        await writer.drain()
+        connections.append(writer)
+    await until(lambda: parked(server) == 20)
+    for writer in connections:
+        writer.transport.abort()
+    await until(lambda: parked(server) == 0)
+
+
+def test_shutdown_answers_every_pipelined_wait_and_exits_promptly(server: ServerProcess) -> None:
+    wait = b"GET /ready?wait=120 HTTP/1.1\r\nHost: t\r\n\r\n"
+
+    async def scenario() -> list[int]:
+        await put(server, rank(0))
+        connections = [await asyncio.open_connection(server.host, server.port) for _ in range(10)]
+        for _, writer in connections:
+            writer.write(wait + wait)
+            await writer.drain()
+        await until(lambda: parked(server) == 10)
+        assert server.process is not None
+        server.process.send_signal(signal.SIGTERM)
+        statuses = []
+        for reader, writer in connections:
+            for _ in range(2):
+                statuses.append((await Waiter(reader, writer).answer(timeout=4))[0])
+        return statuses
+
+    assert asyncio.run(scenario()) == [503] * 20
+    assert server.process is not None
+    assert server.process.wait(timeout=4) == 0
+
+
+async def test_wake_ups_are_paced_by_the_bytes_they_write() -> None:
+    waiters = Waiters()
+    answered: list[int] = []
+    for index in range(10):
+        waiters.park(30, lambda index=index: answered.append(index) or WAKE_SLICE_BYTES // 2)
+    waiters.wake_all()
+    assert answered == [], "the change that woke them is answered first"
+    await asyncio.sleep(0)
+    assert answered == [0, 1], "a few megabytes per event-loop turn, then /health's turn"
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert answered == list(range(10))
+
+
+async def test_a_long_poll_about_an_instance_that_was_reset_is_answered_at_once(
+    server: ServerProcess,
+) -> None:
+    await put(server, rank(0))
+    old = httpx.get(f"{server.url}/ready").json()["instance_id"]
+    new = httpx.delete(f"{server.url}/prefill_port_table").json()["instance_id"]
+    for path in ("/ready", "/prefill_port_table"):
+        stale = await Waiter.park(server, f"{path}?wait=30&instance={old}")
+        _, body, waited = await stale.answer(timeout=5)
+        assert (body["instance_id"], waited < 1) == (new, True)
+        current = await Waiter.park(server, f"{path}?wait=0.3&instance={new}")
+        assert (await current.answer(timeout=5))[2] >= 0.25, "about the current group: it waits"

@@ -19,35 +19,31 @@ from prefill_bootstrap.service.store import Change, MemoryStore
 from tests.conftest import sglang_registration
 
 
-class GatedStore(MemoryStore):
-    """Writes wait until the test opens the gate."""
+class SteppedStore(MemoryStore):
+    """Each write waits for a permit of its own: the test lets them finish one at a time."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.gate = threading.Event()
-        self.gate.set()
-        self.writing = threading.Event()
+        self.permits = threading.Semaphore(0)
+        self.started = 0
 
     def write(self, changes: Sequence[Change]) -> None:
-        self.writing.set()
-        self.gate.wait(timeout=30)
+        self.started += 1
+        self.permits.acquire(timeout=30)
         super().write(changes)
 
 
 @pytest.mark.anyio
 async def test_a_registration_queued_before_a_reset_is_not_served_after_it() -> None:
-    store = GatedStore()
+    store = SteppedStore()
     app = create_app(ServerSettings(state_dir=None), store)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://b") as c:
-        store.gate.clear()
         registering = asyncio.create_task(c.put("/route", json=sglang_registration()))
-        while not store.writing.is_set():
+        while store.started < 1:
             await asyncio.sleep(0.005)
-        before_reset = app.registry.table
         resetting = asyncio.create_task(c.delete("/prefill_port_table"))
-        while app.registry.table is before_reset:  # then its write is queued behind the other
-            await asyncio.sleep(0.005)
-        store.gate.set()
+        await asyncio.sleep(0.05)  # the reset's write is queued behind the registration's
+        store.permits.release(10)
         assert (await registering).status_code == 200
         new_instance = (await resetting).json()["instance_id"]
 
@@ -56,3 +52,32 @@ async def test_a_registration_queued_before_a_reset_is_not_served_after_it() -> 
         assert report["cells"] == [] and report["topology"] is None
     app.registry.close()
     assert store.load().snapshot.cells == ()
+
+
+@pytest.mark.anyio
+async def test_a_registration_between_two_resets_is_served_exactly_as_a_restart_finds_it() -> None:
+    store = SteppedStore()
+    app = create_app(ServerSettings(state_dir=None), store)
+    registry = app.registry
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://b") as c:
+        first = asyncio.create_task(c.delete("/prefill_port_table"))
+        while store.started < 1:
+            await asyncio.sleep(0.005)
+        second = asyncio.create_task(c.delete("/prefill_port_table"))
+        await asyncio.sleep(0.05)  # the second reset is queued behind the first's write
+        store.permits.release()
+        first_instance = (await first).json()["instance_id"]
+        assert registry.instance_id == first_instance
+        registering = asyncio.create_task(c.put("/route", json=sglang_registration()))
+        await asyncio.sleep(0.05)
+        store.permits.release(10)
+        assert (await registering).status_code == 200
+        second_instance = (await second).json()["instance_id"]
+        served = (await c.get("/prefill_port_table")).json()
+    registry.close()
+    stored = store.load()
+    assert served["instance_id"] == stored.instance_id == second_instance
+    assert [(cell["tp"], cell["rank_port"]) for cell in served["cells"]] == [
+        (record.cell.tp, record.address.rank_port) for record in stored.snapshot.cells
+    ]
+    assert len(served["cells"]) == 1, "registered after both resets: it stands"
