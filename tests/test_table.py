@@ -303,3 +303,28 @@ def test_a_state_stored_without_its_topology_heals_on_the_next_registration() ->
     done = table.register(rank(attn_tp_size=4, attn_tp_rank=3, rank_port=41003), now=2.0)
     assert done.topology_changed and done.completed
     assert table.missing_cells() == [] and table.missing_count == 0
+
+
+def test_a_lease_renewed_after_it_expired_expires_again_when_it_runs_out_again() -> None:
+    table = PortTable()
+    leased = rank(attn_tp_rank=1, rank_port=40001, lease_seconds=5.0)
+    table.register(rank(attn_tp_rank=0), now=0.0)
+    table.register(leased, now=0.0)
+    assert table.expire_leases(now=4.9) == []
+    assert table.expire_leases(now=5.0) == [Cell(0, 0, 1, 0)]
+    table.renew(Cell(0, 0, 1, 0), RankAddress(rank_ip=leased.rank_ip, rank_port=40001), now=6.0)
+    assert table.is_complete
+    assert table.expire_leases(now=10.9) == []
+    assert table.expire_leases(now=11.0) == [Cell(0, 0, 1, 0)]
+
+
+def test_renewals_keep_a_lease_alive_however_often_expiry_is_checked() -> None:
+    table = PortTable()
+    leased = rank(attn_tp_rank=1, rank_port=40001, lease_seconds=3.0)
+    table.register(rank(attn_tp_rank=0), now=0.0)
+    table.register(leased, now=0.0)
+    address = RankAddress(rank_ip=leased.rank_ip, rank_port=40001)
+    for second in range(1, 30):
+        table.renew(Cell(0, 0, 1, 0), address, now=float(second))
+        assert table.expire_leases(now=second + 2.9) == []
+    assert table.expire_leases(now=32.0) == [Cell(0, 0, 1, 0)]
