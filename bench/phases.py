@@ -299,17 +299,27 @@ def _wait_figures(outcome: WaitResult, key: str) -> dict[str, float]:
     }  # fmt: skip
 
 
+def _wait_runs(
+    plan: Plan,
+    result: PhaseResult,
+    count: int,
+    scenario: Callable[[Server, int, str], WaitResult],
+    label: str,
+) -> None:
+    for _ in range(plan.runs):
+        with _server(plan) as server:
+            outcome = scenario(server, count, plan.wait_path)
+        result.add(_wait_figures(outcome, str(count)))
+        result.runs.append(outcome.summary())
+        if outcome.problems:
+            result.problems.append(f"{label}: {dict(outcome.problems)}")
+
+
 def waiters(plan: Plan) -> PhaseResult:
     """N ranks parked on the completeness wait, then the last registration (issue 16)."""
     result = PhaseResult("waiters")
     for count in plan.waiter_sizes:
-        for _ in range(plan.runs):
-            with _server(plan) as server:
-                outcome = release_waiters(server, count, plan.wait_path)
-            result.add(_wait_figures(outcome, str(count)))
-            result.runs.append(outcome.summary())
-            if outcome.problems:
-                result.problems.append(f"{count} waiters: {dict(outcome.problems)}")
+        _wait_runs(plan, result, count, release_waiters, f"{count} waiters")
     return result
 
 
@@ -317,13 +327,7 @@ def startup_wait(plan: Plan) -> PhaseResult:
     """The whole start-up of N ranks: each registers, then waits for the complete table."""
     result = PhaseResult("startup_wait")
     count = plan.startup_wait_ranks
-    for _ in range(plan.runs):
-        with _server(plan) as server:
-            outcome = startup_with_wait(server, count, plan.wait_path)
-        result.add(_wait_figures(outcome, str(count)))
-        result.runs.append(outcome.summary())
-        if outcome.problems:
-            result.problems.append(f"{count}-rank start-up: {dict(outcome.problems)}")
+    _wait_runs(plan, result, count, startup_with_wait, f"{count}-rank start-up")
     return result
 
 

@@ -256,17 +256,7 @@ def release_waiters(server: Server, waiters: int, path: str) -> WaitResult:
     cpu = server.cpu_seconds() - cpu
     if last.problem or not last.answers or last.answers[0][0] != 200:
         problems[f"last registration: {last.problem or last.answers[0][0]}"] += 1
-    _judge(parked, 0, problems)
-    done = [e for e in parked if e.answers]
-    return WaitResult(
-        waiters=waiters,
-        path=WAIT_PATHS[path],
-        answered=[e.answers[0][1] - released for e in done],
-        bytes_received=sum(e.answers[0][2] for e in done),
-        server_cpu_seconds=cpu,
-        peak_rss_mb=server.memory()["VmHWM"],
-        problems=problems,
-    )
+    return _result(server, parked, 0, path, released, cpu, problems)
 
 
 def startup_with_wait(server: Server, ranks: int, path: str) -> WaitResult:
@@ -286,13 +276,26 @@ def startup_with_wait(server: Server, ranks: int, path: str) -> WaitResult:
     for exchange in exchanges:
         if exchange.problem is None and exchange.answers[0][0] != 200:
             problems[f"registration answered {exchange.answers[0][0]}"] += 1
-    _judge(exchanges, 1, problems)
-    done = [e for e in exchanges if len(e.answers) == 2]
+    return _result(server, exchanges, 1, path, started, cpu, problems)
+
+
+def _result(
+    server: Server,
+    exchanges: list[_Exchange],
+    index: int,
+    path: str,
+    clock_start: float,
+    cpu: float,
+    problems: Counter[str],
+) -> WaitResult:
+    """The figures of the wait that is each exchange's ``index``-th request."""
+    _judge(exchanges, index, problems)
+    done = [e for e in exchanges if len(e.answers) > index]
     return WaitResult(
-        waiters=ranks,
+        waiters=len(exchanges),
         path=WAIT_PATHS[path],
-        answered=[e.answers[1][1] - started for e in done],
-        bytes_received=sum(e.answers[1][2] for e in done),
+        answered=[e.answers[index][1] - clock_start for e in done],
+        bytes_received=sum(e.answers[index][2] for e in done),
         server_cpu_seconds=cpu,
         peak_rss_mb=server.memory()["VmHWM"],
         problems=problems,
