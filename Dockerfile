@@ -32,7 +32,7 @@ RUN python3 -m venv /opt/prefill-bootstrap; \
 
 FROM ${BASE_IMAGE}
 
-# The server's own port default (client/protocol.py DEFAULT_PORT, SGLang's bootstrap port);
+# The server's own port default (shared/protocol.py DEFAULT_PORT, SGLang's bootstrap port);
 # tests/test_deploy_manifests.py keeps the two equal.
 ARG PORT=8998
 ARG UID=10001

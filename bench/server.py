@@ -143,7 +143,7 @@ class Server:
         command = [
             sys.executable,
             "-m",
-            "prefill_bootstrap.client.cli",
+            self._cli_module(),
             "serve",
             "--host",
             "127.0.0.1",
@@ -195,10 +195,19 @@ class Server:
         root = Path(self._workdir.name) / "source"
         package = root / "prefill_bootstrap"
         package.mkdir(parents=True)
-        (package / "__init__.py").symlink_to(self.source / "prefill_bootstrap" / "__init__.py")
-        for name in ("client", "service"):
-            (package / name).symlink_to(self.source / name, target_is_directory=True)
+        for path in (self.source / "prefill_bootstrap").glob("*.py"):
+            (package / path.name).symlink_to(path)
+        for name in ("client", "service", "shared"):
+            if (self.source / name).is_dir():  # shared/ exists from issue 15 on
+                (package / name).symlink_to(self.source / name, target_is_directory=True)
         return {**os.environ, "PYTHONPATH": str(root)}
+
+    def _cli_module(self) -> str:
+        """The command's module: ``prefill_bootstrap.cli``, or where checkouts before issue 15
+        (run with ``--server-source``) kept it."""
+        if self.source is not None and not (self.source / "prefill_bootstrap" / "cli.py").exists():
+            return "prefill_bootstrap.client.cli"
+        return "prefill_bootstrap.cli"
 
     def memory(self) -> dict[str, float]:
         return memory_mb(self.pid)

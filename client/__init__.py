@@ -1,4 +1,6 @@
-"""The rank side of prefill-bootstrap: wire models, port sync, HTTP clients, the CLI.
+"""The rank side of prefill-bootstrap: port sync, HTTP clients, the rank commands, the plugin.
+
+The wire models and errors it re-exports live in :mod:`prefill_bootstrap.shared`.
 
 Importing this package never imports torch (the port broadcast imports it when called) nor the
 server's dependencies. Names are loaded on first use, so ``import prefill_bootstrap.client`` stays
@@ -41,17 +43,17 @@ _HOME = {
     "RetryPolicy": "retry",
     "AsyncBootstrapClient": "http",
     "BootstrapClient": "http",
-    "BootstrapError": "errors",
-    "ConfigurationError": "errors",
-    "DistributedNotInitialized": "errors",
-    "PortSyncFailed": "errors",
-    "RegistrationFailed": "errors",
-    "RequestRejected": "errors",
-    "ServerUnreachable": "errors",
-    "TableIncomplete": "errors",
-    "RankAddress": "protocol",
-    "RankRegistration": "protocol",
-    "TableReport": "protocol",
+    "BootstrapError": "prefill_bootstrap.shared.errors",
+    "ConfigurationError": "prefill_bootstrap.shared.errors",
+    "DistributedNotInitialized": "prefill_bootstrap.shared.errors",
+    "PortSyncFailed": "prefill_bootstrap.shared.errors",
+    "RegistrationFailed": "prefill_bootstrap.shared.errors",
+    "RequestRejected": "prefill_bootstrap.shared.errors",
+    "ServerUnreachable": "prefill_bootstrap.shared.errors",
+    "TableIncomplete": "prefill_bootstrap.shared.errors",
+    "RankAddress": "prefill_bootstrap.shared.protocol",
+    "RankRegistration": "prefill_bootstrap.shared.protocol",
+    "TableReport": "prefill_bootstrap.shared.protocol",
     "bootstrap_prefill_rank": "bootstrap",
     "bootstrap_url": "addresses",
     "resolve_bootstrap_host": "addresses",
@@ -67,7 +69,8 @@ def __getattr__(name: str) -> Any:
     home = _HOME.get(name)
     if home is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    module = home if "." in home else f"{__name__}.{home}"
+    value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 
@@ -79,7 +82,12 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from prefill_bootstrap.client.addresses import bootstrap_url, resolve_bootstrap_host
     from prefill_bootstrap.client.bootstrap import bootstrap_prefill_rank
-    from prefill_bootstrap.client.errors import (
+    from prefill_bootstrap.client.grid import render_table
+    from prefill_bootstrap.client.http import AsyncBootstrapClient, BootstrapClient
+    from prefill_bootstrap.client.lease import LeaseKeeper, stop_all_lease_keepers
+    from prefill_bootstrap.client.port_sync import sync_auth_token, sync_bootstrap_port
+    from prefill_bootstrap.client.retry import DEFAULT_RETRY, RetryPolicy
+    from prefill_bootstrap.shared.errors import (
         BootstrapError,
         ConfigurationError,
         DistributedNotInitialized,
@@ -89,9 +97,4 @@ if TYPE_CHECKING:
         ServerUnreachable,
         TableIncomplete,
     )
-    from prefill_bootstrap.client.grid import render_table
-    from prefill_bootstrap.client.http import AsyncBootstrapClient, BootstrapClient
-    from prefill_bootstrap.client.lease import LeaseKeeper, stop_all_lease_keepers
-    from prefill_bootstrap.client.port_sync import sync_auth_token, sync_bootstrap_port
-    from prefill_bootstrap.client.protocol import RankAddress, RankRegistration, TableReport
-    from prefill_bootstrap.client.retry import DEFAULT_RETRY, RetryPolicy
+    from prefill_bootstrap.shared.protocol import RankAddress, RankRegistration, TableReport

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from prefill_bootstrap.client.errors import ConfigurationError
-from prefill_bootstrap.client.protocol import DEFAULT_PORT
+from prefill_bootstrap.shared.errors import ConfigurationError
+from prefill_bootstrap.shared.protocol import DEFAULT_PORT
 
 __all__ = [
     "bootstrap_url",

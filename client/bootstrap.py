@@ -20,9 +20,9 @@ from prefill_bootstrap.client.core import DEFAULT_WAIT_TIMEOUT, as_registration
 from prefill_bootstrap.client.http import DEFAULT_TIMEOUT, BootstrapClient
 from prefill_bootstrap.client.lease import LeaseKeeper
 from prefill_bootstrap.client.port_sync import current_rank, sync_auth_token, sync_bootstrap_port
-from prefill_bootstrap.client.protocol import RankRegistration
 from prefill_bootstrap.client.readiness import Readiness
 from prefill_bootstrap.client.retry import DEFAULT_RETRY, RetryPolicy
+from prefill_bootstrap.shared.protocol import RankRegistration
 
 __all__ = ["DEFAULT_WAIT_TIMEOUT", "bootstrap_prefill_rank"]
 

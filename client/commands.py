@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from pydantic import ValidationError
 
-from prefill_bootstrap.client.errors import ConfigurationError, format_cell
 from prefill_bootstrap.client.grid import render_table
-from prefill_bootstrap.client.protocol import RankRegistration
+from prefill_bootstrap.shared.errors import ConfigurationError, format_cell
+from prefill_bootstrap.shared.protocol import RankRegistration
 
 if TYPE_CHECKING:
     from pydantic_settings import BaseSettings

@@ -20,7 +20,19 @@ from pydantic import ValidationError
 from tenacity import RetryCallState
 
 from prefill_bootstrap.client.addresses import normalize_base_url
-from prefill_bootstrap.client.errors import (
+from prefill_bootstrap.client.readiness import (
+    BUILTIN_SERVER,
+    Readiness,
+    ServerInfoProbe,
+    read_server_info_probe,
+)
+from prefill_bootstrap.client.retry import (
+    RetryPolicy,
+    Transient,
+    classify_transport_error,
+    is_transient_status,
+)
+from prefill_bootstrap.shared.errors import (
     BootstrapError,
     CellNotFound,
     ConfigurationError,
@@ -33,7 +45,7 @@ from prefill_bootstrap.client.errors import (
     UnexpectedAnswer,
     format_cell,
 )
-from prefill_bootstrap.client.protocol import (
+from prefill_bootstrap.shared.protocol import (
     HEARTBEAT_PATH,
     INSTANCE_HEADER,
     READY_PATH,
@@ -45,18 +57,6 @@ from prefill_bootstrap.client.protocol import (
     RankRegistration,
     ReadyReport,
     TableReport,
-)
-from prefill_bootstrap.client.readiness import (
-    BUILTIN_SERVER,
-    Readiness,
-    ServerInfoProbe,
-    read_server_info_probe,
-)
-from prefill_bootstrap.client.retry import (
-    RetryPolicy,
-    Transient,
-    classify_transport_error,
-    is_transient_status,
 )
 
 __all__ = [

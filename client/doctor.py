@@ -24,8 +24,8 @@ from prefill_bootstrap.client.addresses import (
     resolve_bootstrap_host,
     split_host_port,
 )
-from prefill_bootstrap.client.errors import ConfigurationError, format_cell
-from prefill_bootstrap.client.protocol import DEFAULT_PORT, TableReport
+from prefill_bootstrap.shared.errors import ConfigurationError, format_cell
+from prefill_bootstrap.shared.protocol import DEFAULT_PORT, TableReport
 
 __all__ = ["Check", "DoctorOptions", "as_json", "diagnose", "healthy", "render_checks"]
 

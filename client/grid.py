@@ -11,8 +11,8 @@ import itertools
 from collections.abc import Iterable
 
 from prefill_bootstrap.client.addresses import format_host
-from prefill_bootstrap.client.errors import format_cell
-from prefill_bootstrap.client.protocol import Cell, CellReport, TableReport, TopologyReport
+from prefill_bootstrap.shared.errors import format_cell
+from prefill_bootstrap.shared.protocol import Cell, CellReport, TableReport, TopologyReport
 
 __all__ = ["MISSING", "render_table"]
 

@@ -23,10 +23,10 @@ from prefill_bootstrap.client.core import (
     WaitPlan,
     describe_invalid,
 )
-from prefill_bootstrap.client.errors import BootstrapError, GroupReset, PortTableUnavailable
-from prefill_bootstrap.client.protocol import Cell, RankAddress, TableReport
 from prefill_bootstrap.client.readiness import BUILTIN_POLL_SECONDS, Readiness
 from prefill_bootstrap.client.retry import DEFAULT_RETRY, RetryPolicy
+from prefill_bootstrap.shared.errors import BootstrapError, GroupReset, PortTableUnavailable
+from prefill_bootstrap.shared.protocol import Cell, RankAddress, TableReport
 
 __all__ = [
     "DEFAULT_TIMEOUT",

@@ -14,9 +14,9 @@ import logging
 import threading
 from typing import Any
 
-from prefill_bootstrap.client.errors import BootstrapError, CellNotFound, RequestRejected
 from prefill_bootstrap.client.http import BootstrapClient
-from prefill_bootstrap.client.protocol import RankRegistration
+from prefill_bootstrap.shared.errors import BootstrapError, CellNotFound, RequestRejected
+from prefill_bootstrap.shared.protocol import RankRegistration
 
 __all__ = ["LeaseKeeper", "stop_all_lease_keepers"]
 

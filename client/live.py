@@ -13,9 +13,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from prefill_bootstrap.client.errors import BootstrapError
 from prefill_bootstrap.client.grid import render_table
-from prefill_bootstrap.client.protocol import TableReport
+from prefill_bootstrap.shared.errors import BootstrapError
+from prefill_bootstrap.shared.protocol import TableReport
 
 __all__ = ["colourise", "watch_table"]
 

@@ -17,7 +17,7 @@ import sys
 from typing import Any
 
 from prefill_bootstrap.client.addresses import is_multi_node
-from prefill_bootstrap.client.errors import (
+from prefill_bootstrap.shared.errors import (
     ConfigurationError,
     DistributedNotInitialized,
     PortSyncFailed,

@@ -13,11 +13,11 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from prefill_bootstrap.client.auth import AUTH_TOKEN_VARIABLES, blank_is_none
 from prefill_bootstrap.client.core import DEFAULT_TIMEOUT, DEFAULT_WAIT_TIMEOUT
-from prefill_bootstrap.client.errors import ConfigurationError
-from prefill_bootstrap.client.protocol import DEFAULT_PORT
 from prefill_bootstrap.client.retry import DEFAULT_RETRY, RetryPolicy
+from prefill_bootstrap.shared.auth import AUTH_TOKEN_VARIABLES, blank_is_none
+from prefill_bootstrap.shared.errors import ConfigurationError
+from prefill_bootstrap.shared.protocol import DEFAULT_PORT
 
 __all__ = ["ClientSettings", "WaitSettings"]
 

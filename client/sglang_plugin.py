@@ -42,11 +42,11 @@ from prefill_bootstrap.client.addresses import (
     unwildcard,
 )
 from prefill_bootstrap.client.core import as_registration
-from prefill_bootstrap.client.errors import BootstrapError, ConfigurationError, UnsupportedSGLang
 from prefill_bootstrap.client.http import BootstrapClient
 from prefill_bootstrap.client.port_sync import current_rank, sync_auth_token, sync_bootstrap_port
 from prefill_bootstrap.client.settings import ClientSettings, WaitSettings
 from prefill_bootstrap.client.sglang_release import ReleaseShape, Row, detect_shape
+from prefill_bootstrap.shared.errors import BootstrapError, ConfigurationError, UnsupportedSGLang
 
 __all__ = ["TARGET", "PluginSettings", "PluginSwitch", "RankBootstrap", "load", "read_settings"]
 

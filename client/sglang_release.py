@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from prefill_bootstrap.client.errors import ConfigurationError, UnsupportedSGLang
+from prefill_bootstrap.shared.errors import ConfigurationError, UnsupportedSGLang
 
 __all__ = ["InlineSend", "ReleaseShape", "Row", "SplitSend", "detect_shape"]
 

@@ -15,29 +15,6 @@ import orjson
 from annotated_types import Ge, Le
 from pydantic import TypeAdapter, ValidationError
 
-from prefill_bootstrap.client.errors import (
-    CellNotFound,
-    ProtocolMismatch,
-    StateStoreError,
-    TopologyConflict,
-)
-from prefill_bootstrap.client.generations import (
-    GEN1_QUERY,
-    GEN2_QUERY,
-    GEN3_QUERY,
-    RELEASES,
-    Generation,
-    lookup_generation,
-    registration_generation,
-    to_current,
-)
-from prefill_bootstrap.client.protocol import (
-    MAX_QUERY_ROOMS,
-    MAX_RANK,
-    MAX_ROOM,
-    Cell,
-    RankRegistration,
-)
 from prefill_bootstrap.service.bounds import extra_problem
 from prefill_bootstrap.service.registry import Registry
 from prefill_bootstrap.service.replies import (
@@ -49,6 +26,29 @@ from prefill_bootstrap.service.replies import (
 )
 from prefill_bootstrap.service.report import readiness, table_report
 from prefill_bootstrap.service.table import older_server_info
+from prefill_bootstrap.shared.errors import (
+    CellNotFound,
+    ProtocolMismatch,
+    StateStoreError,
+    TopologyConflict,
+)
+from prefill_bootstrap.shared.generations import (
+    GEN1_QUERY,
+    GEN2_QUERY,
+    GEN3_QUERY,
+    RELEASES,
+    Generation,
+    lookup_generation,
+    registration_generation,
+    to_current,
+)
+from prefill_bootstrap.shared.protocol import (
+    MAX_QUERY_ROOMS,
+    MAX_RANK,
+    MAX_ROOM,
+    Cell,
+    RankRegistration,
+)
 
 __all__ = [
     "WaitSeconds",

@@ -18,18 +18,6 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from prefill_bootstrap import __version__
-from prefill_bootstrap.client.generations import (
-    Gen1Registration,
-    Gen2Registration,
-)
-from prefill_bootstrap.client.protocol import (
-    DpRankQuery,
-    DpRankRegistration,
-    ErrorBody,
-    Heartbeat,
-    RankRegistration,
-    TableReport,
-)
 from prefill_bootstrap.service import answers
 from prefill_bootstrap.service.fastpath import FrontDoor, wait_while_connected
 from prefill_bootstrap.service.http_errors import (
@@ -44,6 +32,18 @@ from prefill_bootstrap.service.registry import Registry
 from prefill_bootstrap.service.settings import ServerSettings
 from prefill_bootstrap.service.store import StateStore, open_store
 from prefill_bootstrap.service.ui_routes import install_ui
+from prefill_bootstrap.shared.generations import (
+    Gen1Registration,
+    Gen2Registration,
+)
+from prefill_bootstrap.shared.protocol import (
+    DpRankQuery,
+    DpRankRegistration,
+    ErrorBody,
+    Heartbeat,
+    RankRegistration,
+    TableReport,
+)
 
 __all__ = ["create_app"]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from prefill_bootstrap.client.protocol import RankRegistration
+from prefill_bootstrap.shared.protocol import RankRegistration
 
 __all__ = ["MAX_EXTRA_BYTES", "MAX_EXTRA_DEPTH", "MAX_EXTRA_FIELD_BYTES", "extra_problem"]
 

@@ -10,14 +10,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prefill_bootstrap.client.errors import (
+from prefill_bootstrap.service.replies import Reply, error_reply, reply_for, validation_reply
+from prefill_bootstrap.shared.errors import (
     CellNotFound,
     LeaseNotHeld,
     ProtocolMismatch,
     StateStoreError,
     TopologyConflict,
 )
-from prefill_bootstrap.service.replies import Reply, error_reply, reply_for, validation_reply
 
 __all__ = ["error_response", "install_error_handlers", "json_response", "reply_response"]
 

@@ -14,8 +14,6 @@ from typing import Any
 
 import orjson
 
-from prefill_bootstrap.client.errors import StateStoreError, TopologyConflict, format_cell
-from prefill_bootstrap.client.protocol import Cell, Heartbeat, RankRegistration
 from prefill_bootstrap.service.memory import release_free_memory
 from prefill_bootstrap.service.metrics import Metrics
 from prefill_bootstrap.service.rooms import RoomTable
@@ -29,6 +27,8 @@ from prefill_bootstrap.service.store import (
 )
 from prefill_bootstrap.service.table import Outcome, PortTable, Registered, Topology
 from prefill_bootstrap.service.waiters import OnWake, Parked, Waiters
+from prefill_bootstrap.shared.errors import StateStoreError, TopologyConflict, format_cell
+from prefill_bootstrap.shared.protocol import Cell, Heartbeat, RankRegistration
 
 __all__ = ["Registry"]
 

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from prefill_bootstrap.client.errors import (
+from prefill_bootstrap.shared.errors import (
     BootstrapError,
     CellNotFound,
     LeaseNotHeld,

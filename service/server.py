@@ -16,13 +16,13 @@ from types import FrameType
 
 import uvicorn
 
-from prefill_bootstrap.client.errors import ConfigurationError, PortInUse
 from prefill_bootstrap.service.app import create_app
 from prefill_bootstrap.service.hot_protocol import hot_path_protocol
 from prefill_bootstrap.service.listener import AdmissionListener, Slot
 from prefill_bootstrap.service.logs import configure_logging
 from prefill_bootstrap.service.settings import ServerSettings
 from prefill_bootstrap.service.store import StateStore
+from prefill_bootstrap.shared.errors import ConfigurationError, PortInUse
 
 __all__ = ["BootstrapServer", "bind_socket", "prepare", "serve"]
 

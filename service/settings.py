@@ -11,8 +11,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from prefill_bootstrap.client.auth import AUTH_TOKEN_VARIABLES, blank_is_none
-from prefill_bootstrap.client.protocol import DEFAULT_PORT, MAX_BODY_BYTES
+from prefill_bootstrap.shared.auth import AUTH_TOKEN_VARIABLES, blank_is_none
+from prefill_bootstrap.shared.protocol import DEFAULT_PORT, MAX_BODY_BYTES
 
 __all__ = ["DEFAULT_STATE_DIR", "ServerSettings"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from prefill_bootstrap.client.errors import StateStoreError
+from prefill_bootstrap.shared.errors import StateStoreError
 
 __all__ = ["RESET_REMEDY", "check_not_emptied", "move_aside"]
 

@@ -25,8 +25,6 @@ from typing import Any
 
 import orjson
 
-from prefill_bootstrap.client.errors import ConfigurationError, StateStoreError
-from prefill_bootstrap.client.protocol import Cell, RankAddress
 from prefill_bootstrap.service.state_files import RESET_REMEDY, check_not_emptied, move_aside
 from prefill_bootstrap.service.table import (
     HISTORY_LIMIT,
@@ -36,6 +34,8 @@ from prefill_bootstrap.service.table import (
     Snapshot,
     Topology,
 )
+from prefill_bootstrap.shared.errors import ConfigurationError, StateStoreError
+from prefill_bootstrap.shared.protocol import Cell, RankAddress
 
 __all__ = [
     "CHECKPOINT",

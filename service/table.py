@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from prefill_bootstrap.client.errors import CellNotFound, LeaseNotHeld, TopologyConflict
-from prefill_bootstrap.client.protocol import (
+from prefill_bootstrap.shared.errors import CellNotFound, LeaseNotHeld, TopologyConflict
+from prefill_bootstrap.shared.protocol import (
     OPTIONAL_INFO_KEYS,
     Cell,
     RankAddress,

@@ -58,7 +58,7 @@ class Cluster:
 
     def start_server(self) -> None:
         self.server = self.leader.popen(
-            [sys.executable, "-m", "prefill_bootstrap.client.cli", "serve",
+            [sys.executable, "-m", "prefill_bootstrap.cli", "serve",
              "--host", "0.0.0.0", "--port", str(self.server_port),
              "--state-dir", str(self.tmp / "state")],
             self.tmp / "server.log",

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from prefill_bootstrap.client.protocol import SERVER_INFO_QUERY
+from prefill_bootstrap.shared.protocol import SERVER_INFO_QUERY
 
 SERVER_START_DEADLINE = 20.0
 
@@ -212,7 +212,7 @@ class ServerProcess:
         return [
             sys.executable,
             "-m",
-            "prefill_bootstrap.client.cli",
+            "prefill_bootstrap.cli",
             "serve",
             "--host",
             self.host,

@@ -46,12 +46,12 @@ def main() -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
-    from prefill_bootstrap.client import errors
     from prefill_bootstrap.client.addresses import bootstrap_url
     from prefill_bootstrap.client.bootstrap import bootstrap_prefill_rank
     from prefill_bootstrap.client.http import BootstrapClient
     from prefill_bootstrap.client.port_sync import sync_bootstrap_port
     from prefill_bootstrap.client.retry import RetryPolicy
+    from prefill_bootstrap.shared import errors
 
     dist_init_addr = f"{args.leader}:{args.master_port}"
     if args.leader_port is None:

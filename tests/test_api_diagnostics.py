@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from prefill_bootstrap.client.protocol import TableReport
+from prefill_bootstrap.shared.protocol import TableReport
 from tests.conftest import sglang_registration
 
 pytestmark = pytest.mark.anyio

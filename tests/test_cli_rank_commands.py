@@ -13,10 +13,10 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from prefill_bootstrap.client.cli import main
+from prefill_bootstrap.cli import main
 from prefill_bootstrap.client.commands import REGISTRATION_FLAGS
 from prefill_bootstrap.client.grid import MISSING
-from prefill_bootstrap.client.protocol import RankRegistration, TableReport
+from prefill_bootstrap.shared.protocol import RankRegistration, TableReport
 from tests.conftest import ServerProcess, free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -214,7 +214,7 @@ def test_the_installed_command_reports_an_incomplete_table_with_exit_1(
     bootstrap: ServerProcess,
 ) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "prefill_bootstrap.client.cli", "wait", "--url", bootstrap.url,
+        [sys.executable, "-m", "prefill_bootstrap.cli", "wait", "--url", bootstrap.url,
          "--timeout", "0.2", "-q"],
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
@@ -227,7 +227,7 @@ def test_the_installed_command_prints_json_the_table_report_accepts(
     bootstrap: ServerProcess,
 ) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "prefill_bootstrap.client.cli", "table", "--url", bootstrap.url,
+        [sys.executable, "-m", "prefill_bootstrap.cli", "table", "--url", bootstrap.url,
          "--json"],
         capture_output=True, text=True, timeout=30, check=True,
     )  # fmt: skip

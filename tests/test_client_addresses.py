@@ -11,7 +11,7 @@ from prefill_bootstrap.client.addresses import (
     resolve_bootstrap_host,
     split_host_port,
 )
-from prefill_bootstrap.client.errors import ConfigurationError
+from prefill_bootstrap.shared.errors import ConfigurationError
 
 
 @pytest.mark.parametrize(

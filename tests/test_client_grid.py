@@ -6,7 +6,7 @@ import itertools
 from typing import Any
 
 from prefill_bootstrap.client.grid import MISSING, render_table
-from prefill_bootstrap.client.protocol import TableReport
+from prefill_bootstrap.shared.protocol import TableReport
 
 
 def report(

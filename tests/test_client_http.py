@@ -14,7 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from prefill_bootstrap.client.errors import (
+from prefill_bootstrap.client.http import AsyncBootstrapClient, BootstrapClient
+from prefill_bootstrap.client.retry import RetryPolicy
+from prefill_bootstrap.shared.errors import (
     CellNotFound,
     ConfigurationError,
     RequestRejected,
@@ -22,9 +24,7 @@ from prefill_bootstrap.client.errors import (
     TableIncomplete,
     UnexpectedAnswer,
 )
-from prefill_bootstrap.client.http import AsyncBootstrapClient, BootstrapClient
-from prefill_bootstrap.client.protocol import RankAddress, RankRegistration
-from prefill_bootstrap.client.retry import RetryPolicy
+from prefill_bootstrap.shared.protocol import RankAddress, RankRegistration
 from tests.conftest import sglang_registration
 
 URL = "http://bootstrap:8998"

@@ -10,10 +10,10 @@ import httpx
 import pytest
 
 from prefill_bootstrap.client.bootstrap import bootstrap_prefill_rank
-from prefill_bootstrap.client.errors import RequestRejected
 from prefill_bootstrap.client.http import BootstrapClient
 from prefill_bootstrap.client.lease import LeaseKeeper, stop_all_lease_keepers
-from prefill_bootstrap.client.protocol import RankRegistration
+from prefill_bootstrap.shared.errors import RequestRejected
+from prefill_bootstrap.shared.protocol import RankRegistration
 from tests.conftest import ServerProcess, sglang_registration
 
 pytestmark = pytest.mark.timeout(60)

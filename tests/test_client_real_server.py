@@ -9,10 +9,10 @@ from collections.abc import Callable
 
 import pytest
 
-from prefill_bootstrap.client.errors import RegistrationFailed, RequestRejected
 from prefill_bootstrap.client.http import BootstrapClient
-from prefill_bootstrap.client.protocol import RankRegistration
 from prefill_bootstrap.client.retry import RetryPolicy
+from prefill_bootstrap.shared.errors import RegistrationFailed, RequestRejected
+from prefill_bootstrap.shared.protocol import RankRegistration
 from tests.conftest import ServerProcess, free_port, sglang_registration
 
 pytestmark = pytest.mark.timeout(60)

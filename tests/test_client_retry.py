@@ -17,14 +17,14 @@ from typing import Any
 import httpx
 import pytest
 
-from prefill_bootstrap.client.errors import (
+from prefill_bootstrap.client.http import BootstrapClient
+from prefill_bootstrap.client.retry import RetryPolicy
+from prefill_bootstrap.shared.errors import (
     ConfigurationError,
     RegistrationFailed,
     RequestRejected,
     ServerUnreachable,
 )
-from prefill_bootstrap.client.http import BootstrapClient
-from prefill_bootstrap.client.retry import RetryPolicy
 from tests.conftest import sglang_registration
 
 URL = "http://127.0.0.1:41234"

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from prefill_bootstrap.client.cli import main
-from prefill_bootstrap.client.errors import ConfigurationError
+from prefill_bootstrap.cli import main
 from prefill_bootstrap.client.http import BootstrapClient
 from prefill_bootstrap.client.retry import RetryPolicy
+from prefill_bootstrap.shared.errors import ConfigurationError
 from tests import tls
 from tests.conftest import ServerProcess, sglang_registration
 

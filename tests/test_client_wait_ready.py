@@ -14,15 +14,15 @@ from typing import Any
 import httpx
 import pytest
 
-from prefill_bootstrap.client.errors import (
+from prefill_bootstrap.client.http import AsyncBootstrapClient, BootstrapClient
+from prefill_bootstrap.client.readiness import BUILTIN_SERVER
+from prefill_bootstrap.client.retry import RetryPolicy
+from prefill_bootstrap.shared.errors import (
     ConfigurationError,
     GroupReset,
     PortTableUnavailable,
     TableIncomplete,
 )
-from prefill_bootstrap.client.http import AsyncBootstrapClient, BootstrapClient
-from prefill_bootstrap.client.readiness import BUILTIN_SERVER
-from prefill_bootstrap.client.retry import RetryPolicy
 from tests.conftest import sglang_registration
 
 URL = "http://bootstrap:8998"

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from prefill_bootstrap.client.protocol import (
+from prefill_bootstrap.shared.protocol import (
     DEFAULT_PORT,
     HEALTH_PATH,
     READY_PATH,

@@ -22,7 +22,7 @@ ServerFactory = Callable[..., ServerProcess]
 
 def serve_once(state_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     """Start ``serve`` expecting it to refuse to start: its exit code and stderr."""
-    command = [sys.executable, "-m", "prefill_bootstrap.client.cli", "serve", "--port"]
+    command = [sys.executable, "-m", "prefill_bootstrap.cli", "serve", "--port"]
     command += [str(free_port()), "--state-dir", str(state_dir), *extra]
     return subprocess.run(command, capture_output=True, text=True, timeout=30)
 

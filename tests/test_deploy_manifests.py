@@ -25,9 +25,9 @@ import pytest
 import yaml
 from kubernetes_validate.utils import all_versions
 
-from prefill_bootstrap.client.protocol import DEFAULT_PORT, HEALTH_PATH, READY_PATH
 from prefill_bootstrap.service import ServerSettings, create_app
 from prefill_bootstrap.service.store import MemoryStore
+from prefill_bootstrap.shared.protocol import DEFAULT_PORT, HEALTH_PATH, READY_PATH
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -20,7 +20,7 @@ ServerFactory = Callable[..., ServerProcess]
 
 
 def doctor(*args: str) -> tuple[int, dict[str, Any], str]:
-    command = [sys.executable, "-m", "prefill_bootstrap.client.cli", "doctor", *args]
+    command = [sys.executable, "-m", "prefill_bootstrap.cli", "doctor", *args]
     as_json = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=30)
     text = subprocess.run(command, capture_output=True, text=True, timeout=30)
     assert as_json.returncode == text.returncode

@@ -11,11 +11,11 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prefill_bootstrap.client.errors import TopologyConflict
-from prefill_bootstrap.client.protocol import RankRegistration
 from prefill_bootstrap.service import ServerSettings, create_app
 from prefill_bootstrap.service.store import MemoryStore
 from prefill_bootstrap.service.table import PortTable
+from prefill_bootstrap.shared.errors import TopologyConflict
+from prefill_bootstrap.shared.protocol import RankRegistration
 
 EXAMPLES_PER_OPERATION = 300
 SGLANG_TEXT_ERRORS = (b"Missing inputs for bootstrap server.", b"Prefill server not fully", b"Boot")

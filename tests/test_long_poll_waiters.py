@@ -18,11 +18,11 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from prefill_bootstrap.client.protocol import RankRegistration
 from prefill_bootstrap.service import ServerSettings, create_app
 from prefill_bootstrap.service.answers import port_table, ready
 from prefill_bootstrap.service.store import MemoryStore
 from prefill_bootstrap.service.waiters import WAKE_SLICE_BYTES, Waiters
+from prefill_bootstrap.shared.protocol import RankRegistration
 from tests.conftest import ServerProcess, asgi_client, sglang_registration
 
 Factory = Callable[..., ServerProcess]

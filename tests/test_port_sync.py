@@ -12,8 +12,8 @@ import textwrap
 
 import pytest
 
-from prefill_bootstrap.client.errors import ConfigurationError, DistributedNotInitialized
 from prefill_bootstrap.client.port_sync import sync_bootstrap_port
+from prefill_bootstrap.shared.errors import ConfigurationError, DistributedNotInitialized
 
 
 def run_python(code: str) -> subprocess.CompletedProcess[str]:
@@ -61,7 +61,7 @@ def test_multi_node_without_torch_installed_names_the_extra_to_install() -> None
         """
         import sys
         sys.modules["torch"] = None  # as if torch were not installed
-        from prefill_bootstrap.client.errors import ConfigurationError
+        from prefill_bootstrap.shared.errors import ConfigurationError
         from prefill_bootstrap.client.port_sync import sync_bootstrap_port
         try:
             sync_bootstrap_port(41234, dist_init_addr="10.0.0.1:5000", nnodes=2)
@@ -78,7 +78,7 @@ def test_importing_the_client_never_imports_torch_or_the_server() -> None:
         import json, sys
         import prefill_bootstrap.client
         from prefill_bootstrap.client import *  # noqa: F403 - every public name, loaded
-        import prefill_bootstrap.client.cli
+        import prefill_bootstrap.cli
         import prefill_bootstrap.client.commands
         heavy = ("torch", "fastapi", "uvicorn", "starlette", "numpy")
         print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in heavy)))
@@ -98,7 +98,7 @@ def test_every_public_name_of_the_client_package_resolves() -> None:
 
 
 def test_configuration_errors_are_bootstrap_errors_the_cli_reports() -> None:
-    from prefill_bootstrap.client.errors import BootstrapError
+    from prefill_bootstrap.shared.errors import BootstrapError
 
     assert issubclass(DistributedNotInitialized, ConfigurationError)
     assert issubclass(ConfigurationError, BootstrapError)

@@ -55,14 +55,14 @@ def _rank_main(rank: int, plan: dict[str, Any]) -> None:
 
     from prefill_bootstrap.client.addresses import bootstrap_url
     from prefill_bootstrap.client.bootstrap import bootstrap_prefill_rank
-    from prefill_bootstrap.client.errors import (
+    from prefill_bootstrap.client.http import BootstrapClient
+    from prefill_bootstrap.client.port_sync import sync_auth_token, sync_bootstrap_port
+    from prefill_bootstrap.client.retry import RetryPolicy
+    from prefill_bootstrap.shared.errors import (
         BootstrapError,
         RegistrationFailed,
         TableIncomplete,
     )
-    from prefill_bootstrap.client.http import BootstrapClient
-    from prefill_bootstrap.client.port_sync import sync_auth_token, sync_bootstrap_port
-    from prefill_bootstrap.client.retry import RetryPolicy
 
     dist_init_addr = plan["dist_init_addr"]
     dist.init_process_group(

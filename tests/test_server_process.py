@@ -82,7 +82,7 @@ def test_a_port_in_use_is_a_clear_error_naming_host_port_and_flag(tmp_path: Path
         holder.listen()
         port = holder.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "prefill_bootstrap.client.cli", "serve",
+            [sys.executable, "-m", "prefill_bootstrap.cli", "serve",
              "--port", str(port), "--state-dir", str(tmp_path)],
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
@@ -95,7 +95,7 @@ def test_a_port_in_use_is_a_clear_error_naming_host_port_and_flag(tmp_path: Path
 @pytest.mark.timeout(60)
 def test_invalid_settings_are_refused_before_serving(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "prefill_bootstrap.client.cli", "serve", "--port", "70000"],
+        [sys.executable, "-m", "prefill_bootstrap.cli", "serve", "--port", "70000"],
         capture_output=True, text=True, timeout=30, cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 1

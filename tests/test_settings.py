@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from prefill_bootstrap.client.protocol import DEFAULT_PORT
 from prefill_bootstrap.service.settings import DEFAULT_STATE_DIR, ServerSettings
+from prefill_bootstrap.shared.protocol import DEFAULT_PORT
 
 
 def test_the_embedded_defaults_serve_loopback_on_sglangs_port_with_durable_state(

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from prefill_bootstrap.client.protocol import TableReport
+from prefill_bootstrap.shared.protocol import TableReport
 from tests.conftest import ServerProcess
 from tests.sglang_env import (
     SGLANG_VERSIONS,
@@ -240,14 +240,14 @@ def test_with_the_plugin_ranks_that_cannot_reach_the_server_fail_naming_url_and_
     results = run_world(release, *world)
     for result in results[2:]:
         kind, message = error_of(result)
-        assert kind == "prefill_bootstrap.client.errors.RegistrationFailed", result.describe()
+        assert kind == "prefill_bootstrap.shared.errors.RegistrationFailed", result.describe()
         assert f"registration to http://127.0.0.1:{unreachable}/route failed after" in message
         assert f"nothing listens at 127.0.0.1:{unreachable}" in message
         elapsed = float(re.search(r"attempt\(s\) over ([\d.]+)s", message).group(1))
         assert elapsed <= deadline + 1.0
     for result in results[:2]:
         kind, message = error_of(result)
-        assert kind == "prefill_bootstrap.client.errors.TableIncomplete", result.describe()
+        assert kind == "prefill_bootstrap.shared.errors.TableIncomplete", result.describe()
         assert "2 of 4 cells are missing: (dp=0, cp=0, tp=2, pp=0), (dp=0, cp=0, tp=3, pp=0)" in (
             message
         )
@@ -264,7 +264,7 @@ def test_with_the_plugin_the_other_ranks_name_exactly_the_cell_that_never_regist
     results = run_world(release, *world)
     for result in results:
         kind, message = error_of(result)
-        assert kind == "prefill_bootstrap.client.errors.TableIncomplete", result.describe()
+        assert kind == "prefill_bootstrap.shared.errors.TableIncomplete", result.describe()
         assert "1 of 4 cells are missing: (dp=0, cp=0, tp=3, pp=0);" in message
         assert "hosts that did register: 127.0.0.1, 127.0.0.2" in message
 
@@ -279,7 +279,7 @@ def test_with_the_plugin_the_wait_works_against_sglangs_own_server(
     with sglang_bootstrap_server(release) as server:
         results = run_world(release, *prefill_world(server.port, other_port, env=PLUGIN_ON))
         answered = subprocess.run(
-            [sys.executable, "-m", "prefill_bootstrap.client.cli", "wait", "--url", server.url,
+            [sys.executable, "-m", "prefill_bootstrap.cli", "wait", "--url", server.url,
              "--timeout", "10"],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
@@ -305,7 +305,7 @@ def test_with_the_plugin_an_incomplete_group_at_sglangs_own_server_fails_loudly(
         results = run_world(release, *world)
     for result in results:
         kind, message = error_of(result)
-        assert kind == "prefill_bootstrap.client.errors.TableIncomplete", result.describe()
+        assert kind == "prefill_bootstrap.shared.errors.TableIncomplete", result.describe()
         assert (
             "3 registrations for 4 cells; SGLang's built-in bootstrap server does not say which"
             in message

@@ -9,8 +9,8 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from prefill_bootstrap.client.errors import ConfigurationError
 from prefill_bootstrap.client.sglang_plugin import load, read_settings
+from prefill_bootstrap.shared.errors import ConfigurationError
 
 
 @pytest.fixture(autouse=True)

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from prefill_bootstrap.client.errors import ConfigurationError, UnsupportedSGLang
 from prefill_bootstrap.client.sglang_release import InlineSend, SplitSend, detect_shape
+from prefill_bootstrap.shared.errors import ConfigurationError, UnsupportedSGLang
 
 SENT_FOR_REAL: list[Any] = []
 

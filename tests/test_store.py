@@ -8,12 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from prefill_bootstrap.client.errors import (
-    ConfigurationError,
-    StateStoreError,
-    TopologyConflict,
-)
-from prefill_bootstrap.client.protocol import RankRegistration
 from prefill_bootstrap.service.store import (
     GroupCommitWriter,
     MemoryStore,
@@ -22,6 +16,12 @@ from prefill_bootstrap.service.store import (
     new_instance_id,
 )
 from prefill_bootstrap.service.table import PortTable
+from prefill_bootstrap.shared.errors import (
+    ConfigurationError,
+    StateStoreError,
+    TopologyConflict,
+)
+from prefill_bootstrap.shared.protocol import RankRegistration
 from tests.conftest import sglang_registration
 
 

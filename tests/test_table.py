@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from prefill_bootstrap.client.errors import CellNotFound, TopologyConflict
-from prefill_bootstrap.client.protocol import Cell, RankAddress, RankRegistration
 from prefill_bootstrap.service.table import Outcome, PortTable
+from prefill_bootstrap.shared.errors import CellNotFound, TopologyConflict
+from prefill_bootstrap.shared.protocol import Cell, RankAddress, RankRegistration
 from tests.conftest import sglang_registration
 
 

@@ -50,8 +50,7 @@ def test_the_live_grid_redraws_in_place_when_the_table_completes(server: ServerP
     httpx.put(f"{server.url}/route", json=sglang_registration(attn_tp_rank=0)).raise_for_status()
     session = f"pb-{uuid.uuid4().hex[:8]}"
     command = (
-        f"{sys.executable} -m prefill_bootstrap.client.cli table --url {server.url} "
-        "--watch --interval 0.2"
+        f"{sys.executable} -m prefill_bootstrap.cli table --url {server.url} --watch --interval 0.2"
     )
     subprocess.run(
         ["tmux", "new-session", "-d", "-s", session, "-x", "140", "-y", "30", command], check=True
@@ -74,7 +73,7 @@ def test_the_live_grid_redraws_in_place_when_the_table_completes(server: ServerP
 @pytest.mark.timeout(60)
 def test_watch_with_a_count_stops_by_itself(server: ServerProcess) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "prefill_bootstrap.client.cli", "table", "--url", server.url,
+        [sys.executable, "-m", "prefill_bootstrap.cli", "table", "--url", server.url,
          "--watch", "--interval", "0.1", "--count", "2"],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip

@@ -21,7 +21,7 @@ def test_a_registration_round_trips_over_verified_https(tmp_path: Path) -> None:
     port = free_port()
     log = (tmp_path / "server.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "prefill_bootstrap.client.cli", "serve", "--port", str(port),
+        [sys.executable, "-m", "prefill_bootstrap.cli", "serve", "--port", str(port),
          "--state-dir", "", "--ssl-certfile", str(certificates.cert_file),
          "--ssl-keyfile", str(certificates.key_file)],
         stdout=log, stderr=subprocess.STDOUT,

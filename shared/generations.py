@@ -7,7 +7,7 @@ deployed SGLang speaks (facts and releases: ``tests/golden/README.md``):
   lookups by ``engine_rank, target_dp_group``; no cp, no pp.
 - gen 2 (0.5.0rc0 - 0.5.9): attention-tp/dp and pp fields with ``role``, 2b adds ``page_size``;
   lookups add ``target_pp_rank``.
-- gen 3 (0.5.10 on): :class:`~prefill_bootstrap.client.protocol.RankRegistration`.
+- gen 3 (0.5.10 on): :class:`~prefill_bootstrap.shared.protocol.RankRegistration`.
 
 Older registrations become current ones (cp 0, pp 0 for gen 1), so one table serves all.
 """
@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
-from prefill_bootstrap.client.protocol import (
+from prefill_bootstrap.shared.protocol import (
     Host,
     Port,
     Rank,
