@@ -3,7 +3,8 @@
 A store applies *batches* of changes atomically; ``GroupCommitWriter`` funnels every request's
 changes through one thread so concurrent registrations share one fsync (group commit) without
 weakening the promise that a 200 means the registration is on disk. Both stores pass the same
-contract tests (``tests/test_store.py``).
+contract tests (``tests/test_store.py``). The SQLite format is documented with the functions that
+write and read it (``records.py``); ``store_migrations.py`` upgrades older state on open.
 """
 
 from __future__ import annotations
