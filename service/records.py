@@ -20,7 +20,7 @@ Schema 2 of the store (the ``SCHEMA_VERSION`` in ``store.py``):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -32,8 +32,8 @@ from prefill_bootstrap.shared.protocol import Cell, RankAddress
 __all__ = [
     "CELL_COLUMNS",
     "cell_from_row",
-    "cell_json",
     "cell_row",
+    "cells_json",
     "conflict_from_json",
     "conflict_json",
     "replacement_from_json",
@@ -81,27 +81,34 @@ def topology_report(topology: Topology) -> dict[str, Any]:
     }
 
 
-def cell_json(record: CellRecord, expired: bool, lease_expires_at: float | None) -> dict[str, Any]:
-    """``CellReport``: one cell as ``/prefill_port_table`` lists it (with the deprecated
-    ``generation``, the address version's old name, for one release)."""
-    cell, address = record.cell, record.address
-    return {
-        "dp": cell.dp,
-        "cp": cell.cp,
-        "tp": cell.tp,
-        "pp": cell.pp,
-        "rank_ip": address.rank_ip,
-        "rank_port": address.rank_port,
-        "first_registered_at": record.first_registered_at,
-        "last_registered_at": record.last_registered_at,
-        "address_version": record.address_version,
-        "generation": record.address_version,
-        "state": "expired" if expired else "registered",
-        "lease_seconds": record.lease_seconds,
-        "lease_expires_at": lease_expires_at,
-        "protocol": record.protocol,
-        "extra": record.extra,
-    }
+def cells_json(
+    records: Iterable[CellRecord],
+    expired: Container[Cell],
+    lease_expires_at: Callable[[Cell], float | None],
+) -> list[dict[str, Any]]:
+    """``CellReport`` of each record, as ``/prefill_port_table`` lists cells (with the deprecated
+    ``generation``, the address version's old name, for one release). One loop for all cells:
+    a call per cell would cost a group of 16k cells a few percent of its table's build."""
+    return [
+        {
+            "dp": record.cell.dp,
+            "cp": record.cell.cp,
+            "tp": record.cell.tp,
+            "pp": record.cell.pp,
+            "rank_ip": record.address.rank_ip,
+            "rank_port": record.address.rank_port,
+            "first_registered_at": record.first_registered_at,
+            "last_registered_at": record.last_registered_at,
+            "address_version": record.address_version,
+            "generation": record.address_version,
+            "state": "expired" if record.cell in expired else "registered",
+            "lease_seconds": record.lease_seconds,
+            "lease_expires_at": lease_expires_at(record.cell),
+            "protocol": record.protocol,
+            "extra": record.extra,
+        }
+        for record in records
+    ]
 
 
 def cell_row(record: CellRecord) -> tuple[Any, ...]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefill_bootstrap.service.records import (
-    cell_json,
+    cells_json,
     conflict_json,
     replacement_json,
     topology_report,
@@ -33,7 +33,6 @@ def table_report(registry: Registry) -> dict[str, Any]:
     table = registry.table
     topology = table.topology
     per_row = topology.cells_per_row() if topology else 0
-    is_expired, lease_expires_at = table.is_expired, table.lease_expires_at
     return {
         "instance_id": registry.instance_id,
         "complete": table.is_complete,
@@ -46,10 +45,7 @@ def table_report(registry: Registry) -> dict[str, Any]:
             {"dp": dp, "expected": per_row, "registered": count, "complete": count >= per_row}
             for dp, count in sorted(table.row_counts().items())
         ],
-        "cells": [
-            cell_json(record, is_expired(record.cell), lease_expires_at(record.cell))
-            for record in table.records()
-        ],
+        "cells": cells_json(table.records(), set(table.expired_cells()), table.lease_expires_at),
         "replacements": [replacement_json(event) for event in table.replacements],
         "conflicts": [conflict_json(event) for event in table.conflicts],
         "server_info": table.server_info() if table.is_complete else None,

@@ -16,8 +16,8 @@ from pydantic import BaseModel
 from prefill_bootstrap.service.records import (
     CELL_COLUMNS,
     cell_from_row,
-    cell_json,
     cell_row,
+    cells_json,
     conflict_from_json,
     conflict_json,
     replacement_from_json,
@@ -60,13 +60,14 @@ def assert_is_the_model_s_dump(model: type[BaseModel], body: dict[str, Any]) -> 
 
 @pytest.mark.parametrize("expired", [False, True])
 def test_a_cell_is_what_cell_report_declares(expired: bool) -> None:
-    body = cell_json(RECORD, expired, 32.5 if not expired else None)
+    [body] = cells_json([RECORD], {RECORD.cell} if expired else (), lambda _: 32.5)
     assert_is_the_model_s_dump(CellReport, body)
     assert body["state"] == ("expired" if expired else "registered")
 
 
 def test_the_address_version_is_also_served_under_its_deprecated_name() -> None:
-    assert cell_json(RECORD, False, None)["generation"] == RECORD.address_version == 3
+    [body] = cells_json([RECORD], (), lambda _: None)
+    assert body["generation"] == RECORD.address_version == 3
     assert replacement_json(REPLACEMENT)["generation"] == 3
     assert "generation" not in replacement_json(REPLACEMENT, deprecated_alias=False)
     schema = CellReport.model_json_schema()["properties"]["generation"]
@@ -74,7 +75,7 @@ def test_the_address_version_is_also_served_under_its_deprecated_name() -> None:
 
 
 def test_a_client_reads_a_server_that_sends_only_the_old_name() -> None:
-    body = cell_json(RECORD, False, None)
+    [body] = cells_json([RECORD], (), lambda _: None)
     del body["address_version"]
     assert CellReport.model_validate(body).address_version == 3
     event = replacement_json(REPLACEMENT)
