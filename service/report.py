@@ -15,7 +15,7 @@ allowed size answers in bounded time and bytes, whatever is missing."""
 
 
 def _missing(registry: Registry) -> dict[str, Any]:
-    table = registry.table
+    table = registry.group.table
     return {
         "missing_cells": [list(cell) for cell in table.missing_cells(LISTED_MISSING_CELLS)],
         "missing_count": table.missing_count,
@@ -23,11 +23,11 @@ def _missing(registry: Registry) -> dict[str, Any]:
 
 
 def table_report(registry: Registry) -> dict[str, Any]:
-    table = registry.table
+    table = registry.group.table
     topology = table.topology
     per_row = topology.cells_per_row() if topology else 0
     report = {
-        "instance_id": registry.instance_id,
+        "instance_id": registry.group.instance_id,
         "complete": table.is_complete,
         "topology": (
             {key: value for key, value in asdict(topology).items() if key != "options"}
@@ -84,16 +84,16 @@ def table_report(registry: Registry) -> dict[str, Any]:
             for event in table.conflicts
         ],
         "server_info": table.server_info() if table.is_complete else None,
-        "state": registry.store.kind,
+        "state": registry.group.store.kind,
     }
     return report
 
 
 def readiness(registry: Registry) -> dict[str, Any]:
-    table = registry.table
+    table = registry.group.table
     return {
         "ready": table.is_complete,
-        "instance_id": registry.instance_id,
+        "instance_id": registry.group.instance_id,
         "expected_cells": table.expected_count,
         "registered_cells": table.registered_count,
         **_missing(registry),
