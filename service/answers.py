@@ -101,15 +101,15 @@ def long_poll_seconds(params: Mapping[str, str]) -> float | Reply:
 def ready(registry: Registry) -> Reply:
     """``GET /ready``: 200 once every cell is live, else 503 naming what is missing. One
     serialisation per state of the group, shared by every waiter and probe."""
-    registry.expire_leases()
-    body = registry.cached("ready", lambda: readiness(registry))
-    return Reply(200 if registry.table.is_complete else 503, body)
+    registry.group.expire_leases()
+    body = registry.cache.get("ready", lambda: readiness(registry))
+    return Reply(200 if registry.group.table.is_complete else 503, body)
 
 
 def port_table(registry: Registry) -> Reply:
     """``GET /prefill_port_table``: the whole table (always 200)."""
-    registry.expire_leases()
-    return Reply(200, registry.cached("table", lambda: table_report(registry)))
+    registry.group.expire_leases()
+    return Reply(200, registry.cache.get("table", lambda: table_report(registry)))
 
 
 def _not_ready(registry: Registry) -> Reply:
@@ -117,7 +117,7 @@ def _not_ready(registry: Registry) -> Reply:
     return Reply(
         503,
         b"Prefill server not fully registered yet (%d workers registered)."
-        % registry.table.live_count,
+        % registry.group.table.live_count,
         TEXT,
     )
 
@@ -164,11 +164,11 @@ def _current_lookup(registry: Registry, params: Mapping[str, str]) -> Reply:
     ranks = _parse_ranks(params, GEN3_QUERY)
     if isinstance(ranks, Reply):
         return ranks
-    table = registry.table
+    table = registry.group.table
     if not table.is_complete:
         return _not_ready(registry)
     if ranks == [-1, -1, -1, -1]:
-        return Reply(200, registry.cached("server_info", table.server_info))
+        return Reply(200, registry.cache.get("server_info", table.server_info))
     cell = Cell(*ranks)
     try:
         record = table.lookup(cell)
@@ -180,7 +180,7 @@ def _current_lookup(registry: Registry, params: Mapping[str, str]) -> Reply:
             .encode(),
             TEXT,
         )
-    return Reply(200, registry.cached(cell, record.address.model_dump))
+    return Reply(200, registry.cache.get(cell, record.address.model_dump))
 
 
 def _older_lookup(registry: Registry, params: Mapping[str, str], generation: str) -> Reply:
@@ -189,7 +189,7 @@ def _older_lookup(registry: Registry, params: Mapping[str, str], generation: str
     ranks = _parse_ranks(params, names)
     if isinstance(ranks, Reply):
         return ranks
-    topology = registry.table.topology
+    topology = registry.group.table.topology
     if topology is not None:
         problem = topology.older_decode_problem(generation)
         if problem is not None:
@@ -197,7 +197,7 @@ def _older_lookup(registry: Registry, params: Mapping[str, str], generation: str
     if all(rank == -1 for rank in ranks):
         return Reply(
             200,
-            registry.cached(
+            registry.cache.get(
                 ("server_info", generation), lambda: older_server_info(topology, generation)
             ),
         )
@@ -211,7 +211,7 @@ def _older_lookup(registry: Registry, params: Mapping[str, str], generation: str
         engine_rank, dp_group, pp_rank = ranks
         cell = Cell(dp_group, 0, engine_rank, pp_rank)
     try:
-        record = registry.table.lookup(cell)
+        record = registry.group.table.lookup(cell)
     except CellNotFound:
         return error_reply(
             404,
@@ -219,7 +219,7 @@ def _older_lookup(registry: Registry, params: Mapping[str, str], generation: str
             f"Bootstrap info not found for target_dp_group={dp_group} engine_rank={engine_rank}"
             + (f" target_pp_rank={cell.pp}" if generation == "2" else ""),
         )
-    return Reply(200, registry.cached(cell, record.address.model_dump))
+    return Reply(200, registry.cache.get(cell, record.address.model_dump))
 
 
 def _parse_object(body: bytes) -> dict[str, Any] | Reply:
@@ -341,7 +341,7 @@ async def register(registry: Registry, body: bytes) -> Reply:
     if too_big is not None:
         return too_big
     try:
-        await registry.register(registration, generation)
+        await registry.group.register(registration, generation)
     except (TopologyConflict, StateStoreError) as exc:
         return reply_for(exc)
     return OK

@@ -103,11 +103,11 @@ def create_app(
     (unix seconds) drives leases, room expiry and registration times."""
     settings = settings or ServerSettings()
     store = store if store is not None else open_store(settings.state_dir, settings.reset)
-    registry = Registry(settings, store, clock)
+    registry = Registry.open(settings, store, clock)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        sweeper = asyncio.create_task(registry.sweep_leases_forever())
+        sweeper = asyncio.create_task(registry.group.sweep_leases_forever())
         try:
             yield
         finally:
@@ -252,7 +252,7 @@ def create_app(
         summary="Forget every registration and start a new group (new instance id).",
     )
     async def reset_table() -> dict[str, str]:
-        return {"instance_id": await registry.reset()}
+        return {"instance_id": await registry.group.reset()}
 
     @app.post(
         "/heartbeat",
@@ -266,7 +266,7 @@ def create_app(
     )
     async def heartbeat(request: Request) -> Response:
         beat = await _parse(request, Heartbeat)
-        return json_response({"lease_expires_at": registry.renew(beat)})
+        return json_response({"lease_expires_at": registry.group.renew(beat)})
 
     @app.get(
         "/metrics",
@@ -275,7 +275,7 @@ def create_app(
         responses={200: {"content": {"text/plain": {}}}},
     )
     async def metrics() -> Response:
-        registry.expire_leases()
+        registry.group.expire_leases()
         return Response(render_metrics(registry), media_type=METRICS_CONTENT_TYPE.decode())
 
     token = settings.auth_token.get_secret_value() if settings.auth_token else None

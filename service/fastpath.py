@@ -82,9 +82,9 @@ async def wait_while_connected(
     """An ASGI long poll (HTTP/1.0, ``Connection: close``, pipelined, or FastAPI-only): wait
     for the table like a lean-door one, and stop waiting, unparked, the moment the client
     disconnects, so abandoned waits hold nothing until their deadline."""
-    if not registry.must_wait(seconds, instance):
+    if not registry.waits.must_wait(seconds, instance):
         return
-    waiting = asyncio.ensure_future(registry.wait_until_complete(seconds, instance))
+    waiting = asyncio.ensure_future(registry.waits.wait_until_complete(seconds, instance))
     leaving = asyncio.ensure_future(_disconnect(receive))
     try:
         await asyncio.wait({waiting, leaving}, return_when=asyncio.FIRST_COMPLETED)
@@ -209,12 +209,12 @@ class FrontDoor:
         seconds = answers.long_poll_seconds(params)
         if isinstance(seconds, Reply):
             return None
-        if not self.registry.must_wait(seconds, params.get("instance")):
+        if not self.registry.waits.must_wait(seconds, params.get("instance")):
             return None
         return seconds
 
     def park(self, seconds: float, on_wake: OnWake) -> Parked:
-        return self.registry.park_until_complete(seconds, on_wake)
+        return self.registry.waits.park_until_complete(seconds, on_wake)
 
     def long_poll_reply(self, path: str) -> Reply:
         if path == "/ready":
@@ -303,7 +303,7 @@ class FrontDoor:
                 "headers": [
                     (b"content-type", reply.content_type),
                     (b"content-length", b"%d" % len(reply.body)),
-                    (INSTANCE_HEADER, self.registry.instance_id.encode()),
+                    (INSTANCE_HEADER, self.registry.group.instance_id.encode()),
                 ],
             }
         )
@@ -319,7 +319,7 @@ class FrontDoor:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = list(message.get("headers", []))
-                headers.append((INSTANCE_HEADER, registry.instance_id.encode()))
+                headers.append((INSTANCE_HEADER, registry.group.instance_id.encode()))
                 message = {**message, "headers": headers}
             await send(message)
 

@@ -330,7 +330,7 @@ class _HotPathProtocol(HttpToolsProtocol):
         parts += [
             b"content-type: ", reply.content_type, b"\r\n",
             b"content-length: %d\r\n" % len(reply.body),
-            INSTANCE_HEADER, b": ", self.front.registry.instance_id.encode(), b"\r\n\r\n",
+            INSTANCE_HEADER, b": ", self.front.registry.group.instance_id.encode(), b"\r\n\r\n",
         ]  # fmt: skip
         if len(reply.body) <= _JOIN_BODY_BYTES:
             self.transport.write(b"".join([*parts, reply.body]))

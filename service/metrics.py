@@ -70,10 +70,10 @@ class _RegistryCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         registry = self.registry
-        table, rooms, metrics = registry.table, registry.rooms, registry.metrics
+        table, rooms, metrics = registry.group.table, registry.rooms, registry.metrics
         p = "prefill_bootstrap_"
         info = InfoMetricFamily(f"{p}build", "Server version and the current instance id.")
-        info.add_metric([], {"version": __version__, "instance_id": registry.instance_id})
+        info.add_metric([], {"version": __version__, "instance_id": registry.group.instance_id})
         yield info
         gauges = (
             ("expected_cells", "Cells the topology expects (0 before the first registration).",
@@ -88,7 +88,7 @@ class _RegistryCollector(Collector):
              int(table.is_complete)),
             ("rooms", "bootstrap_room entries currently held.", len(rooms)),
             ("parked_long_polls", "Requests waiting (?wait=) for the table to complete.",
-             len(registry.waiters)),
+             len(registry.waits)),
         )  # fmt: skip
         for name, help_text, value in gauges:
             yield GaugeMetricFamily(p + name, help_text, value=value)
@@ -106,9 +106,9 @@ class _RegistryCollector(Collector):
             ("room_evictions", "Room entries evicted by the capacity bound.", rooms.evicted),
             ("room_expirations", "Room entries dropped after their TTL.", rooms.expired),
             ("state_commits", "Durable state commits (one per group of writes).",
-             registry.writer.commits),
+             registry.group.writer.commits),
             ("state_write_failures", "Failed durable writes; their requests got 503.",
-             registry.writer.failures),
+             registry.group.writer.failures),
         )  # fmt: skip
         for name, help_text, value in counters:
             yield CounterMetricFamily(p + name, help_text, value=value)

@@ -21,7 +21,7 @@ allowed size answers in bounded time and bytes, whatever is missing."""
 
 
 def _missing(registry: Registry) -> dict[str, Any]:
-    table = registry.table
+    table = registry.group.table
     return {
         "missing_cells": [list(cell) for cell in table.missing_cells(LISTED_MISSING_CELLS)],
         "missing_count": table.missing_count,
@@ -30,11 +30,11 @@ def _missing(registry: Registry) -> dict[str, Any]:
 
 def table_report(registry: Registry) -> dict[str, Any]:
     """``TableReport``, record by record through ``records.py`` (plain dicts: see there why)."""
-    table = registry.table
+    table = registry.group.table
     topology = table.topology
     per_row = topology.cells_per_row() if topology else 0
     return {
-        "instance_id": registry.instance_id,
+        "instance_id": registry.group.instance_id,
         "complete": table.is_complete,
         "topology": topology_report(topology) if topology else None,
         "expected_cells": table.expected_count,
@@ -49,15 +49,15 @@ def table_report(registry: Registry) -> dict[str, Any]:
         "replacements": [replacement_json(event) for event in table.replacements],
         "conflicts": [conflict_json(event) for event in table.conflicts],
         "server_info": table.server_info() if table.is_complete else None,
-        "state": registry.store.kind,
+        "state": registry.group.store.kind,
     }
 
 
 def readiness(registry: Registry) -> dict[str, Any]:
-    table = registry.table
+    table = registry.group.table
     return {
         "ready": table.is_complete,
-        "instance_id": registry.instance_id,
+        "instance_id": registry.group.instance_id,
         "expected_cells": table.expected_count,
         "registered_cells": table.registered_count,
         **_missing(registry),

@@ -127,3 +127,9 @@ class RoomTable:
         dropped = len(self._frozen.popleft())
         self._frozen_rooms -= dropped
         return dropped
+
+    def clear(self) -> None:
+        """Forget every room (the group was reset); the eviction and expiry counts stand."""
+        self._live = {}
+        self._frozen.clear()
+        self._frozen_rooms = 0

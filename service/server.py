@@ -89,7 +89,7 @@ class BootstrapServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """Parked long polls answer first, with the table as it stands: a rank then hears
         "not yet" and retries elsewhere, rather than waiting out the shutdown's deadline."""
-        self.config.app.registry.release_waiters()
+        self.config.app.registry.waits.release()
         await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -113,11 +113,11 @@ def prepare(
         settings.scheme,
         shown,
         port,
-        registry.store.kind,
+        registry.group.store.kind,
         f" in {settings.state_dir}" if settings.state_dir else "",
-        registry.instance_id,
-        registry.table.registered_count,
-        registry.table.expected_count,
+        registry.group.instance_id,
+        registry.group.table.registered_count,
+        registry.group.table.expected_count,
         ", writes need the bearer token" if settings.auth_token else "",
     )
     config = uvicorn.Config(

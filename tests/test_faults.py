@@ -146,7 +146,7 @@ class FirstWriteFails(MemoryStore):
 async def test_a_registration_queued_behind_a_failed_first_one_stores_the_topology() -> None:
     store = FirstWriteFails()
     app = create_app(ServerSettings(state_dir=None), store)
-    table = app.registry.table
+    table = app.registry.group.table
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://b") as c:
         first = asyncio.create_task(c.put("/route", json=pair(0)))
         await poll(lambda: store.writing.is_set())
@@ -269,7 +269,7 @@ async def test_a_burst_of_failed_writes_is_logged_once_with_its_cause_and_counte
 ) -> None:
     client, store = fillable
     store.full = True
-    with caplog.at_level(logging.INFO, logger="prefill_bootstrap.server"):
+    with caplog.at_level(logging.INFO, logger="prefill_bootstrap"):
         for _ in range(3):
             assert (await client.put("/route", json=pair(0))).status_code == 503
         store.full = False

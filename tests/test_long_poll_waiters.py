@@ -200,7 +200,7 @@ async def test_a_bad_wait_is_a_422_naming_the_query_parameter_on_either_door(
 async def test_every_waiter_gets_the_same_serialised_answer() -> None:
     app = create_app(ServerSettings(state_dir=None), MemoryStore())
     registry = app.registry
-    await registry.register(RankRegistration(**rank(0, size=1)))
+    await registry.group.register(RankRegistration(**rank(0, size=1)))
     assert ready(registry).body is ready(registry).body
     assert port_table(registry).body is port_table(registry).body
     registry.close()

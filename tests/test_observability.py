@@ -46,7 +46,7 @@ async def test_every_response_carries_the_instance_id(
     app = app_factory()
     async with asgi_client(app) as client:
         response = await client.request(method, path)
-        assert response.headers[HEADER] == app.registry.instance_id
+        assert response.headers[HEADER] == app.registry.group.instance_id
 
 
 async def test_the_instance_id_changes_on_reset(app_factory: Callable[..., Any]) -> None:
@@ -131,7 +131,7 @@ async def test_a_storm_logs_the_table_complete_once_however_its_commits_are_batc
         for tp in range(8)
         for pp in range(4)
     ]
-    caplog.set_level(logging.INFO, logger="prefill_bootstrap.server")
+    caplog.set_level(logging.INFO, logger="prefill_bootstrap")
     async with asgi_client(app) as client:
         answers = await asyncio.gather(*(client.put("/route", json=body) for body in bodies))
     assert [answer.status_code for answer in answers] == [200] * 32

@@ -99,8 +99,8 @@ def test_the_store_s_forms_read_back_into_the_same_records() -> None:
 
 def test_whole_reports_are_what_table_report_and_ready_report_declare() -> None:
     clock = FakeClock()
-    registry = Registry(ServerSettings(state_dir=None), MemoryStore(), clock=clock)
-    table = registry.table
+    registry = Registry.open(ServerSettings(state_dir=None), MemoryStore(), clock=clock)
+    table = registry.group.table
     table.register(RankRegistration(**sglang_registration(lease_seconds=5.0)), clock())
     table.register(
         RankRegistration(**sglang_registration(rank_port=41009, lease_seconds=5.0)), clock()

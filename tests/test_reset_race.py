@@ -67,7 +67,7 @@ async def test_a_registration_between_two_resets_is_served_exactly_as_a_restart_
         await asyncio.sleep(0.05)  # the second reset is queued behind the first's write
         store.permits.release()
         first_instance = (await first).json()["instance_id"]
-        assert registry.instance_id == first_instance
+        assert registry.group.instance_id == first_instance
         registering = asyncio.create_task(c.put("/route", json=sglang_registration()))
         await asyncio.sleep(0.05)
         store.permits.release(10)

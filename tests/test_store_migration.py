@@ -83,7 +83,8 @@ def schema_of(state: Path) -> tuple[str, list[str], list[dict[str, Any]]]:
 
 
 def open_registry(state: Path) -> Registry:
-    return Registry(ServerSettings(state_dir=state), SqliteStore(state), clock=lambda: RESTORED_AT)
+    settings = ServerSettings(state_dir=state)
+    return Registry.open(settings, SqliteStore(state), clock=lambda: RESTORED_AT)
 
 
 def test_the_fixtures_really_are_schema_1(old_state: Path) -> None:

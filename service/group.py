@@ -1,0 +1,253 @@
+"""The group's port table as the server serves it: changes are made durable, then applied.
+
+This is the one place that changes what the server serves. Every change is planned against the
+table, written through the group-commit writer, and only then applied, so a change answered 503
+never reaches a decode and a restart finds exactly what was acknowledged. A reset is the same:
+the new instance is written first and the table swapped after, so a reset whose write fails
+changes nothing. Who else needs to know of a change (long polls, the rooms) subscribes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Hashable
+
+from prefill_bootstrap.service.memory import release_free_memory
+from prefill_bootstrap.service.metrics import Metrics
+from prefill_bootstrap.service.store import (
+    CHECKPOINT,
+    Change,
+    GroupCommitWriter,
+    StateStore,
+    new_instance_id,
+)
+from prefill_bootstrap.service.table import Outcome, PortTable, Registered, Topology
+from prefill_bootstrap.shared.errors import StateStoreError, TopologyConflict, format_cell
+from prefill_bootstrap.shared.protocol import Cell, Heartbeat, RankRegistration
+
+__all__ = ["PortGroup"]
+
+log = logging.getLogger(__name__)
+
+Subscriber = Callable[[], None]
+
+
+def _address(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _check_cell_cap(topology: Topology | None, cap: int, store: StateStore) -> None:
+    """A stored group larger than the cap (stored by a server with a larger --max-cells) would
+    be served at a cost the cap exists to bound: say so, with both ways out."""
+    if topology is None or topology.expected_cells <= cap:
+        return
+    where = getattr(store, "path", None) or f"{store.kind} state"
+    raise StateStoreError(
+        f"the group stored in {where} has {topology.expected_cells} cells (dp_size="
+        f"{topology.dp_size} x attn_cp_size={topology.attn_cp_size} x attn_tp_size="
+        f"{topology.attn_tp_size} x pp_size={topology.pp_size}), more than --max-cells={cap}: "
+        f"raise --max-cells (PREFILL_BOOTSTRAP_MAX_CELLS) to at least "
+        f"{topology.expected_cells}, or start once with --reset to begin a new group"
+    )
+
+
+class PortGroup:
+    def __init__(
+        self,
+        store: StateStore,
+        metrics: Metrics,
+        clock: Callable[[], float],
+        *,
+        max_cells: int,
+        lease_sweep_seconds: float,
+        reset: bool = False,
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.lease_sweep_seconds = lease_sweep_seconds
+        if reset:
+            store.write([new_instance_id()])
+        stored = store.load()
+        _check_cell_cap(stored.snapshot.topology, max_cells, store)
+        self.instance_id = stored.instance_id
+        self.table = PortTable.restore(stored.snapshot, now=clock())
+        self.writer = GroupCommitWriter(store)
+        self._changed: list[Subscriber] = []
+        self._reset: list[Subscriber] = []
+        self._renewals = 0
+        self._resets_in_flight = 0
+        self._resets_settled: asyncio.Future[None] | None = None
+        """Resolved once no reset is being written: registrations wait for it."""
+        if self.table.registered_count:
+            log.info(
+                "Restored %d of %s cells of instance %s from %s state.",
+                self.table.registered_count,
+                self.table.expected_count,
+                self.instance_id,
+                store.kind,
+            )
+
+    def on_change(self, subscriber: Subscriber) -> None:
+        """Call ``subscriber`` after every change applied (registration, renewal of an expired
+        lease, expiry, conflict, reset)."""
+        self._changed.append(subscriber)
+
+    def on_reset(self, subscriber: Subscriber) -> None:
+        """Call ``subscriber`` once a reset is durable and applied, before the change is told."""
+        self._reset.append(subscriber)
+
+    @property
+    def version(self) -> Hashable:
+        """Changes whenever anything an answer shows can have changed, lease expiries included:
+        what cached answers are keyed by."""
+        return self.instance_id, self.table.version, self._renewals
+
+    # -- changes -------------------------------------------------------------------------------
+
+    async def register(self, registration: RankRegistration, protocol: str = "3") -> Registered:
+        """Plan the change, make it durable, and only then serve it."""
+        while self._resets_settled is not None:  # plan against the group the resets leave
+            await asyncio.shield(self._resets_settled)
+        now = self.clock()
+        # The table this registration is planned against is the one it commits into. A reset
+        # while it waits for the disk swaps ``self.table``, and the reset's write follows this
+        # one, so on disk the reset wipes it: serving it in the new table would serve what a
+        # restart no longer finds.
+        table = self.table
+        try:
+            planned = table.plan(registration, now, protocol)
+        except TopologyConflict as conflict:
+            self.metrics.registrations["conflict"] += 1
+            log.warning(
+                "Refused rank %s for cell %s: %s",
+                _address(registration.rank_ip, registration.rank_port),
+                format_cell(registration.cell),
+                conflict,
+            )
+            record = table.conflict_of(conflict, registration, now)
+            await self._persist([record])
+            table.record_conflict(record)
+            self._tell(self._changed)
+            raise
+        changes: list[Change] = []
+        if planned.topology_changed:
+            changes.append(planned.topology)
+        if planned.replacement is not None:
+            changes.append(planned.replacement)
+        changes.append(planned.record)
+        try:
+            await self._persist(changes)
+        except BaseException:
+            table.abandon(planned)
+            raise
+        done = table.commit(planned)
+        self.metrics.registrations[done.outcome.value] += 1
+        if table is not self.table:
+            log.info(
+                "Cell %s at %s was registered just before a reset, which removed it again.",
+                format_cell(registration.cell),
+                _address(registration.rank_ip, registration.rank_port),
+            )
+            return done
+        self._tell(self._changed)
+        self._log_registration(done)
+        return done
+
+    def renew(self, heartbeat: Heartbeat) -> float | None:
+        """A leased rank's heartbeat; kept in memory only, so it costs no disk write."""
+        was_expired = self.table.is_expired(heartbeat.cell)
+        expires_at = self.table.renew(heartbeat.cell, heartbeat.address, self.clock())
+        self._renewals += 1  # the table's answer shows each cell's lease expiry
+        if was_expired:
+            log.info(
+                "Cell %s at %s is live again after its lease had expired.",
+                format_cell(heartbeat.cell),
+                _address(heartbeat.rank_ip, heartbeat.rank_port),
+            )
+            self._tell(self._changed)
+        return expires_at
+
+    def expire_leases(self) -> list[Cell]:
+        expired = self.table.expire_leases(self.clock())
+        for cell in expired:
+            record = self.table.lookup(cell)
+            log.warning(
+                "Lease of cell %s at %s expired: no heartbeat for %.1fs; the cell counts as "
+                "missing until the rank renews or registers again.",
+                format_cell(cell),
+                _address(record.address.rank_ip, record.address.rank_port),
+                record.lease_seconds or 0.0,
+            )
+        if expired:
+            self._tell(self._changed)
+        return expired
+
+    async def sweep_leases_forever(self) -> None:
+        """Background task (started by the app's lifespan) so hot reads see expiry promptly."""
+        while True:
+            await asyncio.sleep(self.lease_sweep_seconds)
+            self.expire_leases()
+
+    async def reset(self) -> str:
+        """Durable first, then applied: a reset whose write fails leaves the group as it was."""
+        instance_id = new_instance_id()
+        if self._resets_settled is None:
+            self._resets_settled = asyncio.get_running_loop().create_future()
+        self._resets_in_flight += 1
+        try:
+            await self._persist([instance_id])
+            self.table = PortTable()
+            self.instance_id = instance_id
+            self._tell(self._reset)
+        finally:
+            # Registrations are held until every reset in flight is written (two resets close
+            # together: one sent between them would be planned against the first's table yet
+            # written after the second).
+            self._resets_in_flight -= 1
+            if self._resets_in_flight == 0 and self._resets_settled is not None:
+                self._resets_settled.set_result(None)
+                self._resets_settled = None
+        self._tell(self._changed)
+        log.warning("Reset the port table; new instance %s.", instance_id)
+        return instance_id
+
+    def close(self) -> None:
+        self.writer.close()
+
+    async def _persist(self, changes: list[Change]) -> None:
+        await self.writer.submit_async(changes)
+
+    @staticmethod
+    def _tell(subscribers: list[Subscriber]) -> None:
+        for subscriber in subscribers:
+            subscriber()
+
+    def _log_registration(self, done: Registered) -> None:
+        record, table = done.record, self.table
+        where = _address(record.address.rank_ip, record.address.rank_port)
+        progress = f"{table.registered_count}/{table.expected_count} cells"
+        if done.outcome is Outcome.NEW:
+            log.info(
+                "Registered cell %s at %s (address version %d, %s).",
+                format_cell(record.cell),
+                where,
+                record.address_version,
+                progress,
+            )
+        elif done.outcome is Outcome.REPLACED and done.previous is not None:
+            log.warning(
+                "Cell %s moved %s -> %s (address version %d, %s).",
+                format_cell(record.cell),
+                _address(done.previous.rank_ip, done.previous.rank_port),
+                where,
+                record.address_version,
+                progress,
+            )
+        else:
+            log.debug("Cell %s re-registered unchanged at %s.", format_cell(record.cell), where)
+        if done.completed:
+            log.info("The port table is complete: all %s cells registered.", table.expected_count)
+            self.writer.submit([CHECKPOINT])  # the complete table in the main file, not the WAL
+            asyncio.get_running_loop().call_later(1.0, release_free_memory)
