@@ -1,14 +1,15 @@
-"""A lean ASGI layer in front of the FastAPI app: the one door every request passes.
+"""The lean ASGI door in front of the FastAPI app, and the one pipeline every door runs.
 
-It does four cheap jobs for every route: checks the bearer token (writes always, reads when
-configured), caps the request body (413 before reading more than the cap), stamps the instance id
-header on every response, and times the request for ``/metrics``. And it answers the protocol's
-hot routes (``GET /route``, ``GET /health``, ``POST /register_dp_rank``, ``POST
-/query_dp_ranks``) itself, with the same answer functions the FastAPI routes use: FastAPI's
-per-request routing and validation cost several times the work of these answers, and decode
-workers call them once per request served. So are the reads every rank of a group makes at
-start-up, ``GET /ready`` and ``GET /prefill_port_table``, whose long polls (``?wait=``) park
-thousands of ranks at once.
+Every request, whichever door it came in by, passes the same steps, each a method here: ``gate``
+(the route's token check, then the body cap), ``dispatch`` (the declared answer, or a long poll
+to park), ``settle`` (await what is not answered at once) and ``observe`` (metrics). The doors
+differ only in how they read and write bytes: uvicorn's parser for hot routes
+(``hot_protocol.py``), ASGI here, and the FastAPI routes generated from the same table
+(``openapi.py``, used with ``fast_path=False``). Every response carries the instance id header.
+
+With the fast path on, this door answers every declared route itself: FastAPI's per-request
+routing and validation cost several times the work of these answers. What the table does not
+declare goes to FastAPI: ``/docs``, ``/openapi.json`` and the 404s.
 """
 
 from __future__ import annotations
@@ -18,18 +19,26 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
-from urllib.parse import parse_qsl
+from typing import Any, NamedTuple, cast
 
-from prefill_bootstrap.service import answers
+from prefill_bootstrap.service.answers import query_params
 from prefill_bootstrap.service.registry import Registry
-from prefill_bootstrap.service.replies import Reply, error_reply
-from prefill_bootstrap.service.ui_routes import UI_PATHS
+from prefill_bootstrap.service.replies import Reply, error_reply, reply_for
+from prefill_bootstrap.service.routes import (
+    ALLOWED,
+    HOT,
+    METRIC_LABELS,
+    ROUTES,
+    Route,
+    access_of,
+    long_poll_seconds,
+)
 from prefill_bootstrap.service.waiters import OnWake, Parked
+from prefill_bootstrap.shared.errors import BootstrapError
 
-__all__ = ["INSTANCE_HEADER", "FrontDoor", "wait_while_connected"]
+__all__ = ["INSTANCE_HEADER", "FrontDoor", "LongPoll", "Outcome", "wait_while_connected"]
 
-log = logging.getLogger("prefill_bootstrap.server")
+log = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -40,33 +49,19 @@ INSTANCE_HEADER = b"x-sglang-disaggregation-instance-id"
 """The header SGLang discussed for "the prefill behind this address was replaced"."""
 
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-_HOT = frozenset(
-    {
-        ("GET", "/route"),
-        ("GET", "/health"),
-        ("POST", "/register_dp_rank"),
-        ("POST", "/query_dp_ranks"),
-        ("GET", "/ready"),
-        ("GET", "/prefill_port_table"),
-    }
-)
-_LONG_POLLS = frozenset({"/ready", "/prefill_port_table"})
 _REGISTRATION = ("PUT", "/route")
-_WRITES = frozenset(
-    {
-        ("PUT", "/route"),
-        ("POST", "/register_dp_rank"),
-        ("POST", "/heartbeat"),
-        ("DELETE", "/prefill_port_table"),
-    }
-)
-_OPEN_WITH_AUTH_READS = UI_PATHS | {"/health"}  # probes carry no token; the page asks for it
-_KNOWN_ROUTES = frozenset(
-    {
-        "/route", "/health", "/ready", "/prefill_port_table", "/register_dp_rank",
-        "/query_dp_ranks", "/heartbeat", "/metrics", "/docs", "/openapi.json", *UI_PATHS,
-    }
-)  # fmt: skip
+
+
+class LongPoll(NamedTuple):
+    """A long poll that must wait for the table: park it, then answer ``route`` as it stands."""
+
+    route: Route
+    seconds: float
+    instance: str | None
+
+
+Outcome = Reply | LongPoll | Awaitable[Reply]
+"""What ``dispatch`` gives a door: an answer now, a wait, or an answer to await."""
 
 
 def _bearer_token(credentials: bytes) -> bytes:
@@ -96,10 +91,6 @@ async def wait_while_connected(
 async def _disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-def _params(query: bytes) -> dict[str, str]:
-    return dict(parse_qsl(query.decode("latin-1"), keep_blank_values=True))
 
 
 class BodyTooLarge(Exception):
@@ -151,6 +142,9 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 class FrontDoor:
+    """The server as an ASGI app, and the pipeline (gate, dispatch, settle, observe) that the
+    lean protocol and the generated FastAPI routes run too."""
+
     def __init__(
         self,
         app: Any,
@@ -171,81 +165,117 @@ class FrontDoor:
         self.auth_reads = auth_reads
         self.max_header_bytes = max_header_bytes
         self.header_timeout = header_timeout
+        self._hot = HOT if serve_hot_routes else {}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        method, path = scope["method"], scope["path"]
-        status = await self._handle(scope, receive, send, method, path)
-        self.observe(method, path, status, started)
+    # -- the pipeline, one step per method -----------------------------------------------------
+
+    def hot_route(self, method: str, path: str) -> Route | None:
+        """The route the lean door answers inside uvicorn's parser, or None (ASGI then)."""
+        return self._hot.get((method, path))
+
+    def gate(
+        self,
+        route: Route | None,
+        method: str,
+        path: str,
+        headers: Iterable[tuple[bytes, bytes]],
+        client: Any,
+        body_size: int | None,
+    ) -> Reply | None:
+        """401 when the route needs the token and the request lacks it, else 413 when the body
+        (its declared or counted size) exceeds the cap, else None: go on."""
+        if self._token is not None:
+            refusal = self._refusal(route, method, path, headers, client)
+            if refusal is not None:
+                return refusal
+        if body_size is not None and body_size > self.max_body_bytes:
+            return self.too_large()
+        return None
+
+    def dispatch(self, route: Route, query: bytes, body: bytes) -> Outcome:
+        """The declared answer to an admitted request, or the long poll to park first."""
+        try:
+            if route.long_poll:
+                params = query_params(query)
+                seconds = long_poll_seconds(params)
+                if isinstance(seconds, Reply):
+                    return seconds
+                instance = params.get("instance")
+                if self.registry.waits.must_wait(seconds, instance):
+                    return LongPoll(route, seconds, instance)
+            return route.answer(self.registry, query, body)
+        except BootstrapError as exc:
+            return reply_for(exc)
+
+    def after_wait(self, poll: LongPoll) -> Reply:
+        """A long poll's answer once the table completed or its wait ran out."""
+        return cast(Reply, poll.route.answer(self.registry, b"", b""))  # long polls answer now
+
+    def park(self, poll: LongPoll, on_wake: OnWake) -> Parked:
+        return self.registry.waits.park_until_complete(poll.seconds, on_wake)
+
+    async def settle(self, outcome: Outcome, receive: Receive) -> Reply:
+        """The ASGI doors' end of ``dispatch``: wait out a long poll (unparked if the client
+        leaves), or await an answer."""
+        if type(outcome) is Reply:
+            return outcome
+        if type(outcome) is LongPoll:
+            await wait_while_connected(self.registry, outcome.seconds, outcome.instance, receive)
+            return self.after_wait(outcome)
+        try:
+            return await outcome  # type: ignore[misc]
+        except BootstrapError as exc:
+            return reply_for(exc)
+
+    def failed(self, method: str, path: str, failure: BaseException) -> Reply:
+        """An awaited answer that raised: a domain error by its status, anything else a 500."""
+        if isinstance(failure, BootstrapError):
+            return reply_for(failure)
+        log.error("%s %s failed unexpectedly.", method, path, exc_info=failure)
+        return error_reply(500, "internal_error", f"unexpected {type(failure).__name__}")
 
     def observe(self, method: str, path: str, status: int, started: float) -> None:
         """Count one answered request for ``/metrics`` (every door calls this)."""
-        route = path if path in _KNOWN_ROUTES else "other"
+        route = path if path in METRIC_LABELS else "other"
         metrics = self.registry.metrics
         metrics.observe(route, method, time.perf_counter() - started)
-        if method == "PUT" and path == "/route" and status in (400, 413, 422):
+        if status in (400, 413, 422) and (method, path) == _REGISTRATION:
             metrics.registrations["invalid"] += 1
 
-    def is_hot(self, method: str, path: str) -> bool:
-        """Answered at once, without the app: the protocol's hot reads and room routes."""
-        return self.serve_hot_routes and (method, path) in _HOT
+    def too_large(self) -> Reply:
+        return error_reply(
+            413, "body_too_large", f"the request body exceeds {self.max_body_bytes} bytes"
+        )
 
-    def is_registration(self, method: str, path: str) -> bool:
-        """``PUT /route``, answered without the app once durable: the start-up storm's route."""
-        return self.serve_hot_routes and (method, path) == _REGISTRATION
-
-    async def register(self, body: bytes) -> Reply:
-        return await answers.register(self.registry, body)
-
-    def long_poll(self, method: str, path: str, query: bytes) -> float | None:
-        """Seconds a hot read must wait before it is answered (a long poll on an incomplete
-        table), or None: answer at once (``hot_reply``, which also refuses a bad ``wait``)."""
-        if method != "GET" or path not in _LONG_POLLS:
+    @staticmethod
+    def not_allowed(method: str, path: str) -> Reply | None:
+        """405 naming the declared methods when ``path`` is known, else None (a 404)."""
+        allowed = ALLOWED.get(path)
+        if allowed is None:
             return None
-        params = _params(query)
-        seconds = answers.long_poll_seconds(params)
-        if isinstance(seconds, Reply):
-            return None
-        if not self.registry.waits.must_wait(seconds, params.get("instance")):
-            return None
-        return seconds
+        return error_reply(
+            405,
+            "method_not_allowed",
+            f"{method} is not allowed on {path} ({', '.join(allowed)})",
+            headers=((b"allow", ", ".join(allowed).encode()),),
+        )
 
-    def park(self, seconds: float, on_wake: OnWake) -> Parked:
-        return self.registry.waits.park_until_complete(seconds, on_wake)
-
-    def long_poll_reply(self, path: str) -> Reply:
-        if path == "/ready":
-            return answers.ready(self.registry)
-        return answers.port_table(self.registry)
-
-    def hot_reply(self, method: str, path: str, query: bytes, body: bytes) -> Reply:
-        """The answer of a hot route, once the token (if any) was checked and the body read."""
-        registry = self.registry
-        if path == "/route":
-            return answers.route_lookup(registry, _params(query))
-        if path == "/health":
-            return answers.health()
-        if path in _LONG_POLLS:
-            seconds = answers.long_poll_seconds(_params(query))
-            return seconds if isinstance(seconds, Reply) else self.long_poll_reply(path)
-        if path == "/register_dp_rank":
-            return answers.register_dp_rank(registry, body, registry.clock())
-        return answers.query_dp_ranks(registry, body, registry.clock())
-
-    def refusal(
-        self, headers: Iterable[tuple[bytes, bytes]], client: Any, method: str, path: str
+    def _refusal(
+        self,
+        route: Route | None,
+        method: str,
+        path: str,
+        headers: Iterable[tuple[bytes, bytes]],
+        client: Any,
     ) -> Reply | None:
-        """401 when this route needs the token and the request lacks it, else None."""
-        if self._token is None or not self._needs_token(method, path):
+        access = access_of(route, path)
+        if access == "probe" or (access == "read" and not self.auth_reads):
             return None
         offered = next((value for name, value in headers if name == b"authorization"), None)
-        if offered is not None and hmac.compare_digest(_bearer_token(offered), self._token):
+        if offered is not None and hmac.compare_digest(_bearer_token(offered), self._token or b""):
             return None
         self.registry.metrics.unauthorized += 1
-        if method == "PUT" and path == "/route":
+        if (method, path) == _REGISTRATION:
             self.registry.metrics.registrations["unauthorized"] += 1
         problem = "was missing" if offered is None else "did not match"
         where = client[0] if client else "?"
@@ -257,43 +287,44 @@ class FrontDoor:
             f"(--auth-token / PREFILL_BOOTSTRAP_AUTH_TOKEN); the token {problem}",
         )
 
-    def too_large(self) -> Reply:
-        return error_reply(
-            413, "body_too_large", f"the request body exceeds {self.max_body_bytes} bytes"
-        )
+    # -- the ASGI door ---------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        method, path = scope["method"], scope["path"]
+        status = await self._handle(scope, receive, send, method, path)
+        self.observe(method, path, status, started)
 
     async def _handle(
         self, scope: Scope, receive: Receive, send: Send, method: str, path: str
     ) -> int:
-        refusal = self.refusal(scope["headers"], scope.get("client"), method, path)
+        route = ROUTES.get((method, path))
+        with_body = method in _WITH_BODY
+        declared = _content_length(scope) if with_body else None
+        refusal = self.gate(route, method, path, scope["headers"], scope.get("client"), declared)
         if refusal is not None:
             return await self._send(send, refusal)
         body = b""
-        if method in _WITH_BODY:
+        if with_body:
             try:
-                body = await _read_body(receive, self.max_body_bytes, _content_length(scope))
+                body = await _read_body(receive, self.max_body_bytes, None)
             except BodyTooLarge:
                 return await self._send(send, self.too_large())
             except ClientGone:
                 return 499
             receive = _replay(body, receive)
-        if self.is_hot(method, path):
-            query = scope["query_string"]
-            seconds = self.long_poll(method, path, query)
-            if seconds is not None:
-                instance = _params(query).get("instance")
-                await wait_while_connected(self.registry, seconds, instance, receive)
-                return await self._send(send, self.long_poll_reply(path))
-            return await self._send(send, self.hot_reply(method, path, query, body))
-        if self.is_registration(method, path):
-            # Registrations arrive as a storm at start-up; FastAPI's routing was most of their cost.
-            return await self._send(send, await self.register(body))
-        return await self._forward(scope, receive, send)
-
-    def _needs_token(self, method: str, path: str) -> bool:
-        if (method, path) in _WRITES:
-            return True
-        return self.auth_reads and path not in _OPEN_WITH_AUTH_READS
+        if route is None:
+            refused = self.not_allowed(method, path)
+            if refused is not None:
+                return await self._send(send, refused)
+            return await self._forward(scope, receive, send)
+        if not self.serve_hot_routes:
+            return await self._forward(scope, receive, send)
+        outcome = self.dispatch(route, scope["query_string"], body)
+        return await self._send(send, await self.settle(outcome, receive))
 
     async def _send(self, send: Send, reply: Reply) -> int:
         await send(
@@ -303,6 +334,7 @@ class FrontDoor:
                 "headers": [
                     (b"content-type", reply.content_type),
                     (b"content-length", b"%d" % len(reply.body)),
+                    *reply.headers,
                     (INSTANCE_HEADER, self.registry.group.instance_id.encode()),
                 ],
             }

@@ -1,12 +1,13 @@
 """uvicorn's httptools protocol, answering the bootstrap protocol's hot routes itself.
 
-For ``GET /route``, ``GET /health``, ``POST /register_dp_rank`` and ``POST /query_dp_ranks`` most
-of a request's cost was uvicorn's ASGI machinery around a microsecond of work: a scope, a
-request/response cycle, an event, a task, and two socket writes (headers, then body). Here those
-requests are answered straight from the parser's callbacks with one write, through the same
-``FrontDoor`` methods the ASGI path uses (token check, answer, metrics), so both doors answer the
-same bytes. ``PUT /route`` (the start-up storm) is answered the same way once its registration is
-durable (a task awaits the disk), and a long poll (``GET /ready?wait=``) once the table completes
+For the routes ``routes.py`` declares hot (``GET /route``, ``GET /health``, the room routes, the
+registrations, the long polls of ``/ready`` and ``/prefill_port_table``) most of a request's cost
+was uvicorn's ASGI machinery around a microsecond of work: a scope, a request/response cycle, an
+event, a task, and two socket writes (headers, then body). Here those requests are answered
+straight from the parser's callbacks with one write, through the same pipeline the ASGI door runs
+(``FrontDoor.gate``, ``dispatch``, ``observe``), so both doors answer the same bytes. ``PUT
+/route`` (the start-up storm) is answered once its registration is durable (a task awaits the
+disk), and a long poll (``GET /ready?wait=``) once the table completes
 (a callback parked with the registry, no task: ``waiters.py``). Meanwhile a placeholder holds
 uvicorn's cycle slot, so a request pipelined behind it waits its turn as it would behind any
 cycle. A parked long poll whose client goes away is unparked at once, so abandoned waits hold no
@@ -30,14 +31,15 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from prefill_bootstrap.service.fastpath import INSTANCE_HEADER, FrontDoor
+from prefill_bootstrap.service.fastpath import INSTANCE_HEADER, FrontDoor, LongPoll
 from prefill_bootstrap.service.listener import Slot
 from prefill_bootstrap.service.replies import Reply, error_reply
+from prefill_bootstrap.service.routes import Route
 from prefill_bootstrap.service.waiters import Parked
 
 __all__ = ["hot_path_protocol"]
@@ -189,7 +191,7 @@ class _HotPathProtocol(HttpToolsProtocol):
         self._awaiting_headers = True
         self._header_bytes = 0
         self._arm_header_timer()
-        self._hot: tuple[str, str, bytes, float] | None = None
+        self._hot: tuple[Route, bytes, float] | None = None
         self._hot_body: list[bytes] = []
         self._hot_size = 0
 
@@ -225,12 +227,12 @@ class _HotPathProtocol(HttpToolsProtocol):
             return False  # an earlier request on this connection is still being answered
         path, _, query = self.url.partition(b"?")
         try:
-            route = path.decode("ascii")
+            route = self.front.hot_route(method, path.decode("ascii"))
         except UnicodeDecodeError:
             return False
-        if not (self.front.is_hot(method, route) or self.front.is_registration(method, route)):
+        if route is None:
             return False
-        self._hot = (method, route, query.partition(b"#")[0], time.perf_counter())
+        self._hot = (route, query.partition(b"#")[0], time.perf_counter())
         return True
 
     def on_body(self, body: bytes) -> None:
@@ -246,57 +248,52 @@ class _HotPathProtocol(HttpToolsProtocol):
         if self._hot is None:
             super().on_message_complete()
             return
-        method, route, query, started = self._hot
+        route, query, started = self._hot
         self._hot = None
         front = self.front
-        reply = front.refusal(self.headers, self.client, method, route)
-        if reply is None and self._hot_size > front.max_body_bytes:
-            reply = front.too_large()
-        if reply is None and front.is_registration(method, route):
-            self._answer_later(front.register(b"".join(self._hot_body)), method, route, started)
-            return
+        reply = front.gate(
+            route, route.method, route.path, self.headers, self.client, self._hot_size
+        )
         if reply is None:
-            seconds = front.long_poll(method, route, query)
-            if seconds is not None:
-                self._park(seconds, method, route, started)
+            outcome = front.dispatch(route, query, b"".join(self._hot_body))
+            if type(outcome) is LongPoll:
+                self._park(outcome, started)
                 return
-            reply = front.hot_reply(method, route, query, b"".join(self._hot_body))
+            if type(outcome) is not Reply:
+                self._answer_later(outcome, route, started)  # type: ignore[arg-type]
+                return
+            reply = outcome  # type: ignore[assignment]
         self._write(reply)
-        front.observe(method, route, reply.status, started)
+        front.observe(route.method, route.path, reply.status, started)
         self.on_response_complete()
 
-    def _park(self, seconds: float, method: str, route: str, started: float) -> None:
+    def _park(self, poll: LongPoll, started: float) -> None:
         placeholder = _Answering()
         self.cycle = placeholder  # type: ignore[assignment]
-        on_wake = functools.partial(self._woken, placeholder, method, route, started)
-        self._parked = self.front.park(seconds, on_wake)
+        on_wake = functools.partial(self._woken, placeholder, poll, started)
+        self._parked = self.front.park(poll, on_wake)
 
-    def _woken(self, placeholder: _Answering, method: str, route: str, started: float) -> int:
+    def _woken(self, placeholder: _Answering, poll: LongPoll, started: float) -> int:
         """Answer a parked long poll; the bytes written (the waiters pace wake-ups by them)."""
         self._parked = None
         placeholder.response_complete = True
         if self.transport.is_closing():
             return 0
-        reply = self.front.long_poll_reply(route)
-        self.front.observe(method, route, reply.status, started)
+        reply = self.front.after_wait(poll)
+        self.front.observe(poll.route.method, poll.route.path, reply.status, started)
         return self._finish(placeholder, reply)
 
-    def _answer_later(
-        self, answering: Coroutine[Any, Any, Reply], method: str, route: str, started: float
-    ) -> None:
-        task = self.loop.create_task(answering)
+    def _answer_later(self, answering: Awaitable[Reply], route: Route, started: float) -> None:
+        task = self.loop.create_task(answering)  # type: ignore[arg-type]
         placeholder = _Answering()
         self.cycle = placeholder  # type: ignore[assignment]
         self.tasks.add(task)  # uvicorn's graceful shutdown waits for it
-        task.add_done_callback(
-            functools.partial(self._answered, placeholder, method, route, started)
-        )
+        task.add_done_callback(functools.partial(self._answered, placeholder, route, started))
 
     def _answered(
         self,
         placeholder: _Answering,
-        method: str,
-        route: str,
+        route: Route,
         started: float,
         task: asyncio.Task[Reply],
     ) -> None:
@@ -306,12 +303,12 @@ class _HotPathProtocol(HttpToolsProtocol):
             self.transport.close()
             return
         failure = task.exception()
-        if failure is not None:
-            log.error("%s %s failed unexpectedly.", method, route, exc_info=failure)
-            reply = error_reply(500, "internal_error", f"unexpected {type(failure).__name__}")
-        else:
-            reply = task.result()
-        self.front.observe(method, route, reply.status, started)
+        reply = (
+            task.result()
+            if failure is None
+            else self.front.failed(route.method, route.path, failure)
+        )
+        self.front.observe(route.method, route.path, reply.status, started)
         if self.transport.is_closing():
             return  # the client went away (a registration stands)
         self._finish(placeholder, reply)
@@ -330,8 +327,11 @@ class _HotPathProtocol(HttpToolsProtocol):
         parts += [
             b"content-type: ", reply.content_type, b"\r\n",
             b"content-length: %d\r\n" % len(reply.body),
-            INSTANCE_HEADER, b": ", self.front.registry.group.instance_id.encode(), b"\r\n\r\n",
         ]  # fmt: skip
+        for name, value in reply.headers:
+            parts += [name, b": ", value, b"\r\n"]
+        instance = self.front.registry.group.instance_id.encode()
+        parts += [INSTANCE_HEADER, b": ", instance, b"\r\n\r\n"]
         if len(reply.body) <= _JOIN_BODY_BYTES:
             self.transport.write(b"".join([*parts, reply.body]))
         else:  # a shared table body of a megabyte is not copied once per waiter

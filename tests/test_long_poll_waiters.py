@@ -201,7 +201,7 @@ async def test_every_waiter_gets_the_same_serialised_answer() -> None:
     app = create_app(ServerSettings(state_dir=None), MemoryStore())
     registry = app.registry
     await registry.group.register(RankRegistration(**rank(0, size=1)))
-    assert ready(registry).body is ready(registry).body
+    assert ready(registry, b"", b"").body is ready(registry, b"", b"").body
     assert port_table(registry).body is port_table(registry).body
     registry.close()
 
