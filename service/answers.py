@@ -1,6 +1,7 @@
-"""What the protocol's routes answer, as bytes: functions over the registry's state.
+"""What SGLang's protocol routes answer, as bytes: functions over the registry's state.
 
-Every door calls these through the route table (``routes.py``), so no two can disagree. Each has
+Every door calls these through the route table (``routes.py``), so no two can disagree (the
+answers of the routes that are ours, not SGLang's, are in ``additions.py``). Each has
 the one signature the table declares (``registry, query, body``). Texts and status codes that
 SGLang clients read are kept exactly; everything else uses the one JSON error shape.
 
@@ -31,7 +32,6 @@ from prefill_bootstrap.service.replies import (
     reply_for,
     validation_reply,
 )
-from prefill_bootstrap.service.report import readiness, table_report
 from prefill_bootstrap.service.table import older_server_info
 from prefill_bootstrap.shared.errors import (
     CellNotFound,
@@ -60,10 +60,8 @@ from prefill_bootstrap.shared.protocol import (
 __all__ = [
     "OK",
     "health",
-    "port_table",
     "query_dp_ranks",
     "query_params",
-    "ready",
     "register",
     "register_dp_rank",
     "route_lookup",
@@ -92,20 +90,6 @@ def _invalid(field: str, problem: str, location: str = "body") -> Reply:
 
 def health(registry: Registry, query: bytes, body: bytes) -> Reply:
     return OK
-
-
-def ready(registry: Registry, query: bytes, body: bytes) -> Reply:
-    """``GET /ready``: 200 once every cell is live, else 503 naming what is missing. One
-    serialisation per state of the group, shared by every waiter and probe."""
-    registry.group.expire_leases()
-    answer = registry.cache.get("ready", lambda: readiness(registry))
-    return Reply(200 if registry.group.table.is_complete else 503, answer)
-
-
-def port_table(registry: Registry, query: bytes, body: bytes) -> Reply:
-    """``GET /prefill_port_table``: the whole table (always 200)."""
-    registry.group.expire_leases()
-    return Reply(200, registry.cache.get("table", lambda: table_report(registry)))
 
 
 def _not_ready(registry: Registry) -> Reply:

@@ -5,7 +5,7 @@ registrations, the long polls of ``/ready`` and ``/prefill_port_table``) most of
 was uvicorn's ASGI machinery around a microsecond of work: a scope, a request/response cycle, an
 event, a task, and two socket writes (headers, then body). Here those requests are answered
 straight from the parser's callbacks with one write, through the same pipeline the ASGI door runs
-(``FrontDoor.gate``, ``dispatch``, ``observe``), so both doors answer the same bytes. ``PUT
+(``pipeline.py``: ``gate``, ``dispatch``, ``observe``), so both doors answer the same bytes. ``PUT
 /route`` (the start-up storm) is answered once its registration is durable (a task awaits the
 disk), and a long poll (``GET /ready?wait=``) once the table completes
 (a callback parked with the registry, no task: ``waiters.py``). Meanwhile a placeholder holds
@@ -36,8 +36,9 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from prefill_bootstrap.service.fastpath import INSTANCE_HEADER, FrontDoor, LongPoll
+from prefill_bootstrap.service.fastpath import INSTANCE_HEADER, FrontDoor
 from prefill_bootstrap.service.listener import Slot
+from prefill_bootstrap.service.pipeline import LongPoll
 from prefill_bootstrap.service.replies import Reply, error_reply
 from prefill_bootstrap.service.routes import Route
 from prefill_bootstrap.service.waiters import Parked

@@ -1,7 +1,7 @@
 """The FastAPI routes and the OpenAPI schema, generated from the route table.
 
 Each declared route becomes one ``add_api_route`` whose endpoint runs the same pipeline as the
-lean door (``FrontDoor.dispatch`` then ``settle``): with ``fast_path=False`` FastAPI serves the
+lean door (``Pipeline.dispatch`` then ``settle``): with ``fast_path=False`` FastAPI serves the
 identical bytes, and no handler exists only for the docs. The endpoints take the raw request, so
 FastAPI validates nothing itself; the schema's parameters, bodies and error responses are written
 from the table, with those every route of a kind shares derived here (401 for a route that may
@@ -15,8 +15,8 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from pydantic import BaseModel
 
-from prefill_bootstrap.service.fastpath import FrontDoor
 from prefill_bootstrap.service.http_errors import reply_response
+from prefill_bootstrap.service.pipeline import Pipeline
 from prefill_bootstrap.service.routes import TABLE, Route
 from prefill_bootstrap.shared.protocol import ErrorBody
 
@@ -67,7 +67,7 @@ def _openapi_extra(route: Route) -> dict[str, Any]:
     return extra
 
 
-def _endpoint(front: FrontDoor, route: Route) -> Any:
+def _endpoint(front: Pipeline, route: Route) -> Any:
     async def endpoint(request: Request) -> Response:
         outcome = front.dispatch(route, request.scope["query_string"], await request.body())
         return reply_response(await front.settle(outcome, request.receive))
@@ -76,7 +76,7 @@ def _endpoint(front: FrontDoor, route: Route) -> Any:
     return endpoint
 
 
-def install_routes(app: FastAPI, front: FrontDoor) -> None:
+def install_routes(app: FastAPI, front: Pipeline) -> None:
     """One FastAPI route per declared route, answering through ``front``'s pipeline."""
     for route in TABLE:
         app.add_api_route(

@@ -16,13 +16,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Annotated, Any, Literal
 
-import orjson
 from annotated_types import Ge, Le
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from prefill_bootstrap.service import answers
-from prefill_bootstrap.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from prefill_bootstrap.service.metrics import render as render_metrics
+from prefill_bootstrap.service import additions, answers
 from prefill_bootstrap.service.registry import Registry
 from prefill_bootstrap.service.replies import Reply, invalid_reply
 from prefill_bootstrap.service.ui_routes import ASSETS, asset, status_page_root
@@ -138,23 +135,6 @@ def _error(description: str) -> dict[str, Any]:
     return {"model": ErrorBody, "description": description}
 
 
-async def _reset(registry: Registry, query: bytes, body: bytes) -> Reply:
-    return Reply(200, orjson.dumps({"instance_id": await registry.group.reset()}))
-
-
-def _heartbeat(registry: Registry, query: bytes, body: bytes) -> Reply:
-    try:
-        beat = Heartbeat.model_validate_json(body)
-    except ValidationError as exc:
-        return invalid_reply(exc, "body")
-    return Reply(200, orjson.dumps({"lease_expires_at": registry.group.renew(beat)}))
-
-
-def _metrics(registry: Registry, query: bytes, body: bytes) -> Reply:
-    registry.group.expire_leases()
-    return Reply(200, render_metrics(registry), METRICS_CONTENT_TYPE)
-
-
 def _asset(path: str, registry: Registry, query: bytes, body: bytes) -> Reply:
     return asset(path)
 
@@ -233,7 +213,7 @@ TABLE: tuple[Route, ...] = (
         access="read",
         hot=True,
         long_poll=True,
-        answer=answers.ready,
+        answer=additions.ready,
         summary="Readiness: 200 only when every cell of the topology is registered.",
         query=LONG_POLL_QUERY,
         responses={
@@ -247,7 +227,7 @@ TABLE: tuple[Route, ...] = (
         access="read",
         hot=True,
         long_poll=True,
-        answer=answers.port_table,
+        answer=additions.port_table,
         summary="The whole port table for humans and scripts.",
         query=LONG_POLL_QUERY,
         responses={200: {"model": TableReport, "description": "the table"}},
@@ -256,7 +236,7 @@ TABLE: tuple[Route, ...] = (
         method="DELETE",
         path="/prefill_port_table",
         access="write",
-        answer=_reset,
+        answer=additions.reset,
         summary="Forget every registration and start a new group (new instance id).",
         responses={200: {"description": '{"instance_id": "<the new instance>"}'}},
     ),
@@ -264,7 +244,7 @@ TABLE: tuple[Route, ...] = (
         method="POST",
         path="/heartbeat",
         access="write",
-        answer=_heartbeat,
+        answer=additions.heartbeat,
         summary="A leased rank renews its cell (ours, not SGLang's; nothing is written to disk).",
         body=Heartbeat,
         responses={
@@ -277,7 +257,7 @@ TABLE: tuple[Route, ...] = (
         method="GET",
         path="/metrics",
         access="read",
-        answer=_metrics,
+        answer=additions.metrics,
         summary="Prometheus metrics: cells, readiness, registrations by outcome, rooms, latency.",
         responses={200: {"content": {"text/plain": {}}}},
     ),

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from prefill_bootstrap.service import ServerSettings, create_app
-from prefill_bootstrap.service.answers import port_table, ready
+from prefill_bootstrap.service.additions import port_table, ready
 from prefill_bootstrap.service.store import MemoryStore
 from prefill_bootstrap.service.waiters import WAKE_SLICE_BYTES, Waiters
 from prefill_bootstrap.shared.protocol import RankRegistration
