@@ -29,7 +29,7 @@ from prefill_bootstrap.service.waiters import OnWake, Parked
 
 __all__ = ["INSTANCE_HEADER", "FrontDoor", "wait_while_connected"]
 
-log = logging.getLogger("prefill_bootstrap.server")
+log = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -41,7 +41,7 @@ from prefill_bootstrap.service.waiters import Parked
 
 __all__ = ["hot_path_protocol"]
 
-log = logging.getLogger("prefill_bootstrap.server")
+log = logging.getLogger(__name__)
 
 
 _JOIN_BODY_BYTES = 16384

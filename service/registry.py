@@ -32,7 +32,7 @@ from prefill_bootstrap.shared.protocol import Cell, Heartbeat, RankRegistration
 
 __all__ = ["Registry"]
 
-log = logging.getLogger("prefill_bootstrap.server")
+log = logging.getLogger(__name__)
 
 
 def _address(ip: str, port: int) -> str:

@@ -25,7 +25,7 @@ from prefill_bootstrap.shared.errors import ConfigurationError, PortInUse
 
 __all__ = ["BootstrapServer", "bind_socket", "prepare", "serve"]
 
-log = logging.getLogger("prefill_bootstrap.server")
+log = logging.getLogger(__name__)
 
 
 def bind_socket(host: str, port: int, backlog: int) -> socket.socket:

@@ -269,7 +269,7 @@ async def test_a_burst_of_failed_writes_is_logged_once_with_its_cause_and_counte
 ) -> None:
     client, store = fillable
     store.full = True
-    with caplog.at_level(logging.INFO, logger="prefill_bootstrap.server"):
+    with caplog.at_level(logging.INFO, logger="prefill_bootstrap.service"):
         for _ in range(3):
             assert (await client.put("/route", json=pair(0))).status_code == 503
         store.full = False

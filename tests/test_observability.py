@@ -112,11 +112,17 @@ async def test_unknown_paths_share_one_metrics_label(app_factory: Callable[..., 
 
 def test_json_log_lines_are_one_object_with_level_logger_and_message() -> None:
     record = logging.LogRecord(
-        "prefill_bootstrap.server", logging.INFO, __file__, 1, "Registered %s.", ("x",), None
+        "prefill_bootstrap.service.registry",
+        logging.INFO,
+        __file__,
+        1,
+        "Registered %s.",
+        ("x",),
+        None,
     )
     line = json.loads(JsonFormatter().format(record))
     assert line["level"] == "info"
-    assert line["logger"] == "prefill_bootstrap.server"
+    assert line["logger"] == "prefill_bootstrap.service.registry"
     assert line["message"] == "Registered x."
 
 
@@ -131,7 +137,7 @@ async def test_a_storm_logs_the_table_complete_once_however_its_commits_are_batc
         for tp in range(8)
         for pp in range(4)
     ]
-    caplog.set_level(logging.INFO, logger="prefill_bootstrap.server")
+    caplog.set_level(logging.INFO, logger="prefill_bootstrap.service")
     async with asgi_client(app) as client:
         answers = await asyncio.gather(*(client.put("/route", json=body) for body in bodies))
     assert [answer.status_code for answer in answers] == [200] * 32
