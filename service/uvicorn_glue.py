@@ -3,12 +3,12 @@
 uvicorn gives us the event loop, HTTP/1.1 on httptools (keep-alive, pipelining, flow control, the
 ASGI cycle of every route we do not answer ourselves) and the graceful shutdown. Two of our
 classes go further: ``server.py`` runs our own listener inside uvicorn's ``Server``, and
-``hot_protocol.py`` answers the hot routes inside uvicorn's protocol. Neither touches uvicorn
-except through the two base classes here, whose accessors name what each internal is for, and
-each internal is listed in ``TOUCH_POINTS`` with the reason we use it. uvicorn does not promise
-any of them, so ``pyproject.toml`` bounds uvicorn to the releases we tested
-(``TESTED_UVICORN``), and ``check_uvicorn()`` (run at start-up and by the tests) fails with the
-touch point's name when an installed release lacks one, rather than a request failing later.
+``hot_protocol.py`` answers the hot routes inside uvicorn's protocol. Both import uvicorn from
+here only, subclassing the two base classes below, whose accessors name what each internal is
+for; every internal either relies on is listed in ``TOUCH_POINTS`` with the reason we use it.
+uvicorn does not promise any of them, so ``pyproject.toml`` bounds uvicorn to the releases we
+tested (``TESTED_UVICORN``), and ``check_uvicorn()`` (run at start-up and by the tests) fails with
+the touch point's name when an installed release lacks one, rather than a request failing later.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import ssl
 import types
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -113,9 +114,8 @@ class UvicornServer(uvicorn.Server):
         self._captured_signals.clear()
 
     @property
-    def tls_context(self) -> Any:
-        """The ``ssl.SSLContext`` uvicorn's ``Config.load`` built from the certificate
-        settings, or None."""
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TLS context uvicorn's ``Config.load`` built from the certificate settings."""
         return self.config.ssl
 
 

@@ -4,6 +4,7 @@ at start-up with the touch point named instead of failing a request later."""
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -141,3 +142,19 @@ def test_a_pending_cycle_starts_as_uvicorn_expects_of_a_cycle_being_answered() -
     )
     pending.message_event.set()  # what uvicorn does to it when the connection is lost
     assert issubclass(UvicornIncompatible, ConfigurationError)
+
+
+def test_only_the_glue_module_imports_uvicorn() -> None:
+    importers = set()
+    for path in sorted(ROOT.glob("*/*.py")):
+        if path.parts[-2] not in ("service", "client", "shared", "prefill_bootstrap"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = (
+                [alias.name for alias in node.names] if isinstance(node, ast.Import)
+                else [node.module or ""] if isinstance(node, ast.ImportFrom)
+                else []
+            )  # fmt: skip
+            if any(module.split(".")[0] == "uvicorn" for module in modules):
+                importers.add(str(path.relative_to(ROOT)))
+    assert importers == {"service/uvicorn_glue.py"}
