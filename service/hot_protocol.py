@@ -34,53 +34,28 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
-
 from prefill_bootstrap.service.fastpath import INSTANCE_HEADER, FrontDoor
 from prefill_bootstrap.service.listener import Slot
 from prefill_bootstrap.service.pipeline import LongPoll
 from prefill_bootstrap.service.replies import Reply, error_reply
 from prefill_bootstrap.service.routes import Route
+from prefill_bootstrap.service.uvicorn_glue import STATUS_LINE, PendingCycle, UvicornHttpProtocol
 from prefill_bootstrap.service.waiters import Parked
 
 __all__ = ["hot_path_protocol"]
 
-log = logging.getLogger("prefill_bootstrap.server")
+log = logging.getLogger(__name__)
 
 
 _JOIN_BODY_BYTES = 16384
 """Bodies up to this size go out in the same write as their head (one syscall)."""
 
 
-class _NoWaiters:
-    def set(self) -> None:
-        """uvicorn sets a lost connection's cycle event; nothing waits on a placeholder's."""
-
-
-class _Answering:
-    """Holds uvicorn's cycle slot (``protocol.cycle``) while an answer is awaited: a
-    registration's disk write, or a long poll's wait for the table.
-
-    uvicorn queues a pipelined request while ``response_complete`` is false, marks
-    ``disconnected`` and sets ``message_event`` when the connection is lost, and clears
-    ``keep_alive`` to close after the answer on a graceful shutdown: the three things it does
-    to any cycle it did not start itself.
-    """
-
-    __slots__ = ("disconnected", "keep_alive", "response_complete")
-    message_event = _NoWaiters()
-
-    def __init__(self) -> None:
-        self.response_complete = False
-        self.disconnected = False
-        self.keep_alive = True
-
-
 class _HeadRefused(Exception):
     """Raised from a parser callback to stop parsing a request already answered."""
 
 
-class _HotPathProtocol(HttpToolsProtocol):
+class _HotPathProtocol(UvicornHttpProtocol):
     front: FrontDoor
 
     def __init__(self, *args: Any, slot: Slot | None = None, **kwargs: Any) -> None:
@@ -222,10 +197,8 @@ class _HotPathProtocol(HttpToolsProtocol):
             return False
         if not parser.should_keep_alive() or parser.should_upgrade():
             return False
-        if self.access_log or self.expect_100_continue or self.pipeline:
-            return False
-        if self.cycle is not None and not self.cycle.response_complete:
-            return False  # an earlier request on this connection is still being answered
+        if not self.uvicorn_idle():
+            return False  # e.g. an earlier request on this connection is still being answered
         path, _, query = self.url.partition(b"?")
         try:
             route = self.front.hot_route(method, path.decode("ascii"))
@@ -269,12 +242,11 @@ class _HotPathProtocol(HttpToolsProtocol):
         self.on_response_complete()
 
     def _park(self, poll: LongPoll, started: float) -> None:
-        placeholder = _Answering()
-        self.cycle = placeholder  # type: ignore[assignment]
+        placeholder = self.hold_cycle()
         on_wake = functools.partial(self._woken, placeholder, poll, started)
         self._parked = self.front.park(poll, on_wake)
 
-    def _woken(self, placeholder: _Answering, poll: LongPoll, started: float) -> int:
+    def _woken(self, placeholder: PendingCycle, poll: LongPoll, started: float) -> int:
         """Answer a parked long poll; the bytes written (the waiters pace wake-ups by them)."""
         self._parked = None
         placeholder.response_complete = True
@@ -286,19 +258,18 @@ class _HotPathProtocol(HttpToolsProtocol):
 
     def _answer_later(self, answering: Awaitable[Reply], route: Route, started: float) -> None:
         task = self.loop.create_task(answering)  # type: ignore[arg-type]
-        placeholder = _Answering()
-        self.cycle = placeholder  # type: ignore[assignment]
-        self.tasks.add(task)  # uvicorn's graceful shutdown waits for it
+        placeholder = self.hold_cycle()
+        self.keep_task(task)  # uvicorn's graceful shutdown waits for it
         task.add_done_callback(functools.partial(self._answered, placeholder, route, started))
 
     def _answered(
         self,
-        placeholder: _Answering,
+        placeholder: PendingCycle,
         route: Route,
         started: float,
         task: asyncio.Task[Reply],
     ) -> None:
-        self.tasks.discard(task)
+        self.drop_task(task)
         placeholder.response_complete = True
         if task.cancelled():  # the graceful shutdown's deadline passed: nothing to answer with
             self.transport.close()
@@ -314,7 +285,7 @@ class _HotPathProtocol(HttpToolsProtocol):
             return  # the client went away (a registration stands)
         self._finish(placeholder, reply)
 
-    def _finish(self, placeholder: _Answering, reply: Reply) -> int:
+    def _finish(self, placeholder: PendingCycle, reply: Reply) -> int:
         written = self._write(reply)
         if not placeholder.keep_alive:
             self.transport.close()
@@ -323,7 +294,7 @@ class _HotPathProtocol(HttpToolsProtocol):
 
     def _write(self, reply: Reply) -> int:
         parts = [STATUS_LINE[reply.status]]
-        for name, value in self.server_state.default_headers:
+        for name, value in self.default_headers():
             parts += [name, b": ", value, b"\r\n"]
         parts += [
             b"content-type: ", reply.content_type, b"\r\n",
