@@ -36,7 +36,7 @@ def logger_names() -> Iterator[tuple[str, str]]:
 
 def test_every_module_logs_under_its_own_name() -> None:
     names = set(logger_names())
-    assert ("service/registry.py", "__name__") in names
+    assert ("service/group.py", "__name__") in names
     by_hand = {name for name in names if name[1] not in ("__name__", "__package__")}
     assert by_hand == NAMED_ON_PURPOSE
 
@@ -55,12 +55,12 @@ def restored_logging() -> Iterator[None]:
 def test_the_server_logging_shows_every_module(capsys: pytest.CaptureFixture[str]) -> None:
     caller_lookup = logging._srcfile  # type: ignore[attr-defined]
     configure_logging("info", "json")
-    for module in ("registry", "store", "hot_protocol", "server"):
+    for module in ("group", "store", "hot_protocol", "server"):
         logging.getLogger(f"prefill_bootstrap.service.{module}").info("from %s", module)
     logging.getLogger("prefill_bootstrap.service.store").debug("below the level")
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     assert [(line["logger"], line["message"]) for line in lines] == [
         (f"prefill_bootstrap.service.{module}", f"from {module}")
-        for module in ("registry", "store", "hot_protocol", "server")
+        for module in ("group", "store", "hot_protocol", "server")
     ]
     assert logging._srcfile == caller_lookup, "a private global of logging, left alone"  # type: ignore[attr-defined]
