@@ -100,7 +100,7 @@ def _logging_to_stderr(args: argparse.Namespace) -> Iterator[None]:
     A handler on our own logger, removed afterwards, rather than ``basicConfig``: that would be
     a no-op when the host process already configured logging, and permanent when it had not.
     """
-    logger = logging.getLogger("prefill_bootstrap.client")
+    logger = logging.getLogger(__package__)  # every client module logs below it
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     level = logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING

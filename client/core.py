@@ -71,7 +71,7 @@ __all__ = [
     "describe_invalid",
 ]
 
-log = logging.getLogger("prefill_bootstrap.client")
+log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 10.0
 """Seconds for one request to connect and answer (long polls add their wait on top)."""

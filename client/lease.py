@@ -20,9 +20,38 @@ from prefill_bootstrap.shared.protocol import RankRegistration
 
 __all__ = ["LeaseKeeper", "stop_all_lease_keepers"]
 
-log = logging.getLogger("prefill_bootstrap.client")
-_RUNNING: set[LeaseKeeper] = set()
-_RUNNING_LOCK = threading.Lock()
+log = logging.getLogger(__name__)
+
+
+class _RunningKeepers:
+    """The keepers started and not stopped yet: the process stops them as it exits, so their
+    clients close and no thread beats on past the interpreter's shutdown. The exit hook is
+    registered when the first keeper starts, not when this module is imported."""
+
+    def __init__(self) -> None:
+        self._keepers: set[LeaseKeeper] = set()
+        self._lock = threading.Lock()
+        self._stop_at_exit = False
+
+    def add(self, keeper: LeaseKeeper) -> None:
+        with self._lock:
+            if not self._stop_at_exit:
+                atexit.register(self.stop_all)
+                self._stop_at_exit = True
+            self._keepers.add(keeper)
+
+    def discard(self, keeper: LeaseKeeper) -> None:
+        with self._lock:
+            self._keepers.discard(keeper)
+
+    def stop_all(self) -> None:
+        with self._lock:
+            keepers = list(self._keepers)
+        for keeper in keepers:
+            keeper.stop()
+
+
+_RUNNING = _RunningKeepers()
 
 
 class LeaseKeeper:
@@ -38,8 +67,7 @@ class LeaseKeeper:
         )
 
     def start(self) -> LeaseKeeper:
-        with _RUNNING_LOCK:
-            _RUNNING.add(self)
+        _RUNNING.add(self)
         self._thread.start()
         return self
 
@@ -48,8 +76,7 @@ class LeaseKeeper:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
-        with _RUNNING_LOCK:
-            _RUNNING.discard(self)
+        _RUNNING.discard(self)
         self.client.close()
 
     @property
@@ -89,10 +116,5 @@ class LeaseKeeper:
 
 
 def stop_all_lease_keepers() -> None:
-    with _RUNNING_LOCK:
-        keepers = list(_RUNNING)
-    for keeper in keepers:
-        keeper.stop()
-
-
-atexit.register(stop_all_lease_keepers)
+    """Stop every keeper still running (the process does this as it exits, too)."""
+    _RUNNING.stop_all()

@@ -25,7 +25,7 @@ from prefill_bootstrap.shared.errors import (
 
 __all__ = ["current_rank", "sync_auth_token", "sync_bootstrap_port"]
 
-log = logging.getLogger("prefill_bootstrap.client")
+log = logging.getLogger(__name__)
 
 
 def current_rank() -> int | None:

@@ -1,19 +1,26 @@
-"""What the protocol's hot routes answer, as bytes: pure functions over the registry's state.
+"""What SGLang's protocol routes answer, as bytes: functions over the registry's state.
 
-Both the lean ASGI path (``service/fastpath.py``) and the FastAPI routes (``service/app.py``) call
-these, so the two can never disagree. Texts and status codes that SGLang clients read are kept
-exactly; everything else uses the one JSON error shape.
+Every door calls these through the route table (``routes.py``), so no two can disagree (the
+answers of the routes that are ours, not SGLang's, are in ``additions.py``). Each has
+the one signature the table declares (``registry, query, body``). Texts and status codes that
+SGLang clients read are kept exactly; everything else uses the one JSON error shape.
+
+Bodies are validated by their models in ``shared/protocol.py``. The room routes are the hot path
+of every request a decode serves, so a quick check accepts the common, valid body first (about
+three times cheaper than the model); whatever it does not accept goes to the model, which names
+the problem. ``tests/test_validation_parity.py`` proves the quick checks accept nothing the
+models refuse.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
-from annotated_types import Ge, Le
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from prefill_bootstrap.service.bounds import extra_problem
 from prefill_bootstrap.service.registry import Registry
@@ -21,23 +28,21 @@ from prefill_bootstrap.service.replies import (
     TEXT,
     Reply,
     error_reply,
+    invalid_reply,
     reply_for,
     validation_reply,
 )
-from prefill_bootstrap.service.report import readiness, table_report
 from prefill_bootstrap.service.table import older_server_info
 from prefill_bootstrap.shared.errors import (
     CellNotFound,
     ProtocolMismatch,
-    StateStoreError,
-    TopologyConflict,
+    TopologyNotAddressable,
 )
 from prefill_bootstrap.shared.generations import (
     GEN1_QUERY,
     GEN2_QUERY,
     GEN3_QUERY,
-    RELEASES,
-    Generation,
+    ProtocolGeneration,
     lookup_generation,
     registration_generation,
     to_current,
@@ -47,25 +52,31 @@ from prefill_bootstrap.shared.protocol import (
     MAX_RANK,
     MAX_ROOM,
     Cell,
+    DpRankQuery,
+    DpRankRegistration,
     RankRegistration,
 )
 
 __all__ = [
-    "WaitSeconds",
+    "OK",
     "health",
-    "long_poll_seconds",
-    "parse_registration",
-    "port_table",
     "query_dp_ranks",
-    "ready",
+    "query_params",
     "register",
     "register_dp_rank",
     "route_lookup",
 ]
 
-_INTEGER = re.compile(r"-?[0-9]{1,12}")
+_LOOKUP_RANK = re.compile(r"-?[0-9]{1,12}")
+"""A ``GET /route`` rank: a short integer; one past ``MAX_RANK`` is a cell nobody registered (404,
+as SGLang answers), so the lookup needs no bound of its own beyond the digits it reads."""
 OK = Reply(200, b"OK", TEXT)
 MISSING_INPUTS = Reply(400, b"Missing inputs for bootstrap server.", TEXT)
+
+
+def query_params(query: bytes) -> dict[str, str]:
+    """A raw query string as ``name -> value``; a parameter given empty counts as present."""
+    return dict(parse_qsl(query.decode("latin-1"), keep_blank_values=True))
 
 
 def _invalid(field: str, problem: str, location: str = "body") -> Reply:
@@ -77,39 +88,8 @@ def _invalid(field: str, problem: str, location: str = "body") -> Reply:
     )
 
 
-def health() -> Reply:
+def health(registry: Registry, query: bytes, body: bytes) -> Reply:
     return OK
-
-
-WaitSeconds = Annotated[float, Ge(0), Le(3600)]
-"""``?wait=`` of ``/ready`` and ``/prefill_port_table``: the one declaration both doors check
-(the FastAPI routes and their OpenAPI schema, and the lean door)."""
-_WAIT_SECONDS: TypeAdapter[float] = TypeAdapter(WaitSeconds)
-
-
-def long_poll_seconds(params: Mapping[str, str]) -> float | Reply:
-    """How long a read may wait for the table to complete (0 when not asked), or the 422."""
-    raw = params.get("wait")
-    if raw is None:
-        return 0.0
-    try:
-        return _WAIT_SECONDS.validate_strings(raw)
-    except ValidationError as exc:
-        return validation_reply([{**error, "loc": ("query", "wait")} for error in exc.errors()])
-
-
-def ready(registry: Registry) -> Reply:
-    """``GET /ready``: 200 once every cell is live, else 503 naming what is missing. One
-    serialisation per state of the group, shared by every waiter and probe."""
-    registry.group.expire_leases()
-    body = registry.cache.get("ready", lambda: readiness(registry))
-    return Reply(200 if registry.group.table.is_complete else 503, body)
-
-
-def port_table(registry: Registry) -> Reply:
-    """``GET /prefill_port_table``: the whole table (always 200)."""
-    registry.group.expire_leases()
-    return Reply(200, registry.cache.get("table", lambda: table_report(registry)))
 
 
 def _not_ready(registry: Registry) -> Reply:
@@ -128,7 +108,7 @@ def _parse_ranks(params: Mapping[str, str], names: tuple[str, ...]) -> list[int]
         return MISSING_INPUTS
     ranks: list[int] = []
     for name, value in zip(names, raw, strict=True):
-        if not _INTEGER.fullmatch(value):
+        if not _LOOKUP_RANK.fullmatch(value):
             return _invalid(name, f"{value[:32]!r} is not an integer", "query")
         ranks.append(int(value))
     if any(rank != -1 for rank in ranks):
@@ -140,24 +120,20 @@ def _parse_ranks(params: Mapping[str, str], names: tuple[str, ...]) -> list[int]
     return ranks
 
 
-def route_lookup(registry: Registry, params: Mapping[str, str]) -> Reply:
+def route_lookup(registry: Registry, query: bytes, body: bytes) -> Reply:
     """``GET /route`` in the generation the query speaks: server info when every rank is ``-1``,
-    else one cell's address."""
-    generation = lookup_generation(params)
-    if generation is None:
+    else one cell's address. The parameters are read by hand: which ones are present (even
+    empty) tells the generation, which no model of the query would say."""
+    params = query_params(query)
+    lookup = lookup_generation(params)
+    if lookup is None:
         return MISSING_INPUTS
     pinned = registry.settings.protocol
-    if pinned != "auto" and generation != pinned:
-        return error_reply(
-            400,
-            "protocol_mismatch",
-            f"this server speaks only bootstrap protocol generation {pinned} "
-            f"({RELEASES[pinned]}; --protocol); the query is generation {generation} "
-            f"({RELEASES[generation]})",
-        )
-    if generation == "3":
+    if pinned != "auto" and lookup != pinned:
+        return reply_for(ProtocolMismatch(pinned, lookup))
+    if lookup == "3":
         return _current_lookup(registry, params)
-    return _older_lookup(registry, params, generation)
+    return _older_lookup(registry, params, lookup)
 
 
 def _current_lookup(registry: Registry, params: Mapping[str, str]) -> Reply:
@@ -183,25 +159,25 @@ def _current_lookup(registry: Registry, params: Mapping[str, str]) -> Reply:
     return Reply(200, registry.cache.get(cell, record.address.model_dump))
 
 
-def _older_lookup(registry: Registry, params: Mapping[str, str], generation: str) -> Reply:
+def _older_lookup(registry: Registry, params: Mapping[str, str], lookup: str) -> Reply:
     """Gens 1-2: no readiness gate (their servers had none), sizes under their own key names."""
-    names = GEN1_QUERY if generation == "1" else GEN2_QUERY
+    names = GEN1_QUERY if lookup == "1" else GEN2_QUERY
     ranks = _parse_ranks(params, names)
     if isinstance(ranks, Reply):
         return ranks
     topology = registry.group.table.topology
     if topology is not None:
-        problem = topology.older_decode_problem(generation)
+        problem = topology.older_decode_problem(lookup)
         if problem is not None:
-            return error_reply(409, "protocol_mismatch", problem)
+            return reply_for(TopologyNotAddressable(lookup, problem))
     if all(rank == -1 for rank in ranks):
         return Reply(
             200,
             registry.cache.get(
-                ("server_info", generation), lambda: older_server_info(topology, generation)
+                ("server_info", lookup), lambda: older_server_info(topology, lookup)
             ),
         )
-    if generation == "1":
+    if lookup == "1":
         engine_rank, dp_group = ranks
         # 1a decodes send their global tp rank, 1b decodes the rank inside the group: the
         # remainder serves both (tests/golden/README.md, case A).
@@ -217,65 +193,72 @@ def _older_lookup(registry: Registry, params: Mapping[str, str], generation: str
             404,
             "cell_not_found",
             f"Bootstrap info not found for target_dp_group={dp_group} engine_rank={engine_rank}"
-            + (f" target_pp_rank={cell.pp}" if generation == "2" else ""),
+            + (f" target_pp_rank={cell.pp}" if lookup == "2" else ""),
         )
     return Reply(200, registry.cache.get(cell, record.address.model_dump))
 
 
-def _parse_object(body: bytes) -> dict[str, Any] | Reply:
+def _loads(body: bytes) -> Any:
+    """The body as JSON, or None when it is not (the model then says why)."""
     try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        return error_reply(400, "invalid_json", f"the request body is not valid JSON: {exc}")
-    if not isinstance(data, dict):
-        return error_reply(422, "validation_error", "the request body must be a JSON object")
-    return data
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
 
 
-def _room(value: Any) -> int | None:
-    if type(value) is int and 0 <= value <= MAX_ROOM:
-        return value
+def _is_room(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= MAX_ROOM
+
+
+def quick_room_registration(body: bytes) -> tuple[int, int] | None:
+    """``(room, dp_rank)`` of a valid ``DpRankRegistration`` body, or None: ask the model."""
+    data = _loads(body)
+    if type(data) is not dict:
+        return None
+    room, dp_rank = data.get("bootstrap_room"), data.get("dp_rank")
+    if _is_room(room) and type(dp_rank) is int and 0 <= dp_rank <= MAX_RANK:
+        return room, dp_rank
     return None
 
 
-def register_dp_rank(registry: Registry, body: bytes, now: float) -> Reply:
-    data = _parse_object(body)
-    if isinstance(data, Reply):
-        return data
-    if "bootstrap_room" not in data:
-        return _invalid("bootstrap_room", "field required")
-    if "dp_rank" not in data:
-        return _invalid("dp_rank", "field required")
-    room = _room(data["bootstrap_room"])
-    if room is None:
-        return _invalid("bootstrap_room", "must be an integer from 0 to 2**63-1")
-    dp_rank = data["dp_rank"]
-    if type(dp_rank) is not int or not 0 <= dp_rank <= MAX_RANK:
-        return _invalid("dp_rank", f"must be an integer from 0 to {MAX_RANK}")
-    registry.rooms.register(room, dp_rank, now)
+def quick_room_query(body: bytes) -> list[int] | None:
+    """The rooms of a valid ``DpRankQuery`` body, or None: ask the model."""
+    data = _loads(body)
+    if type(data) is not dict:
+        return None
+    rooms = data.get("bootstrap_rooms")
+    if type(rooms) is list and len(rooms) <= MAX_QUERY_ROOMS and all(map(_is_room, rooms)):
+        return rooms
+    return None
+
+
+def register_dp_rank(registry: Registry, query: bytes, body: bytes) -> Reply:
+    """``POST /register_dp_rank``: remember which dp rank serves a room."""
+    quick = quick_room_registration(body)
+    if quick is None:
+        try:
+            model = DpRankRegistration.model_validate_json(body)
+        except ValidationError as exc:
+            return invalid_reply(exc, "body")
+        quick = model.bootstrap_room, model.dp_rank
+    registry.rooms.register(*quick, registry.clock())
     return OK
 
 
-def query_dp_ranks(registry: Registry, body: bytes, now: float) -> Reply:
-    data = _parse_object(body)
-    if isinstance(data, Reply):
-        return data
-    rooms = data.get("bootstrap_rooms")
+def query_dp_ranks(registry: Registry, query: bytes, body: bytes) -> Reply:
+    """``POST /query_dp_ranks``: the dp rank of each known room."""
+    rooms = quick_room_query(body)
     if rooms is None:
-        return _invalid("bootstrap_rooms", "field required")
-    if not isinstance(rooms, list):
-        return _invalid("bootstrap_rooms", "must be a list of integers")
-    if len(rooms) > MAX_QUERY_ROOMS:
-        return _invalid("bootstrap_rooms", f"at most {MAX_QUERY_ROOMS} rooms per query")
-    for index, value in enumerate(rooms):
-        if _room(value) is None:
-            return _invalid(f"bootstrap_rooms[{index}]", "must be an integer from 0 to 2**63-1")
-    return Reply(200, orjson.dumps(registry.rooms.query(rooms, now)))
+        try:
+            rooms = DpRankQuery.model_validate_json(body).bootstrap_rooms
+        except ValidationError as exc:
+            return invalid_reply(exc, "body")
+    return Reply(200, orjson.dumps(registry.rooms.query(rooms, registry.clock())))
 
 
 def parse_registration(
     body: bytes, pinned: str
-) -> tuple[RankRegistration | None, Generation] | Reply:
+) -> tuple[RankRegistration | None, ProtocolGeneration] | Reply:
     """A ``PUT /route`` body of any protocol generation as a current registration (None for a
     gen 1-2 role other than Prefill, which SGLang acknowledged and ignored), or the error reply.
     The content type is ignored: SGLang's own server reads any body as JSON."""
@@ -285,20 +268,18 @@ def parse_registration(
         return validation_reply(
             [{"type": "json_invalid", "loc": ("body",), "msg": f"Invalid JSON: {exc}"}]
         )
-    generation = registration_generation(data) if isinstance(data, dict) else "3"
-    if pinned != "auto" and not generation.startswith(pinned):
-        return reply_for(ProtocolMismatch(pinned, generation))
+    protocol = registration_generation(data) if isinstance(data, dict) else "3"
+    if pinned != "auto" and not protocol.startswith(pinned):
+        return reply_for(ProtocolMismatch(pinned, protocol))
     try:
-        registration = to_current(data, generation)
+        registration = to_current(data, protocol)
     except ValidationError as exc:
-        return validation_reply(
-            [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
-        )
+        return invalid_reply(exc, "body")
     if registration is not None:
         beyond = extra_problem(registration)
         if beyond is not None:
             return _invalid(*beyond)
-    return registration, generation
+    return registration, protocol
 
 
 def _group_too_big(registration: RankRegistration, cap: int) -> Reply | None:
@@ -329,19 +310,17 @@ def _group_too_big(registration: RankRegistration, cap: int) -> Reply | None:
     )
 
 
-async def register(registry: Registry, body: bytes) -> Reply:
-    """``PUT /route``: 200 ``OK`` once the registration is durable, else the error reply."""
+async def register(registry: Registry, query: bytes, body: bytes) -> Reply:
+    """``PUT /route``: 200 ``OK`` once the registration is durable, else the error reply (a
+    ``TopologyConflict`` or ``StateStoreError`` raised here is answered by the pipeline)."""
     parsed = parse_registration(body, registry.settings.protocol)
     if isinstance(parsed, Reply):
         return parsed
-    registration, generation = parsed
+    registration, protocol = parsed
     if registration is None:
         return OK
     too_big = _group_too_big(registration, registry.settings.max_cells)
     if too_big is not None:
         return too_big
-    try:
-        await registry.group.register(registration, generation)
-    except (TopologyConflict, StateStoreError) as exc:
-        return reply_for(exc)
+    await registry.group.register(registration, protocol=protocol)
     return OK

@@ -1,12 +1,13 @@
 """uvicorn's httptools protocol, answering the bootstrap protocol's hot routes itself.
 
-For ``GET /route``, ``GET /health``, ``POST /register_dp_rank`` and ``POST /query_dp_ranks`` most
-of a request's cost was uvicorn's ASGI machinery around a microsecond of work: a scope, a
-request/response cycle, an event, a task, and two socket writes (headers, then body). Here those
-requests are answered straight from the parser's callbacks with one write, through the same
-``FrontDoor`` methods the ASGI path uses (token check, answer, metrics), so both doors answer the
-same bytes. ``PUT /route`` (the start-up storm) is answered the same way once its registration is
-durable (a task awaits the disk), and a long poll (``GET /ready?wait=``) once the table completes
+For the routes ``routes.py`` declares hot (``GET /route``, ``GET /health``, the room routes, the
+registrations, the long polls of ``/ready`` and ``/prefill_port_table``) most of a request's cost
+was uvicorn's ASGI machinery around a microsecond of work: a scope, a request/response cycle, an
+event, a task, and two socket writes (headers, then body). Here those requests are answered
+straight from the parser's callbacks with one write, through the same pipeline the ASGI door runs
+(``pipeline.py``: ``gate``, ``dispatch``, ``observe``), so both doors answer the same bytes. ``PUT
+/route`` (the start-up storm) is answered once its registration is durable (a task awaits the
+disk), and a long poll (``GET /ready?wait=``) once the table completes
 (a callback parked with the registry, no task: ``waiters.py``). Meanwhile a placeholder holds
 uvicorn's cycle slot, so a request pipelined behind it waits its turn as it would behind any
 cycle. A parked long poll whose client goes away is unparked at once, so abandoned waits hold no
@@ -30,54 +31,31 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable
 from typing import Any
-
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from prefill_bootstrap.service.fastpath import INSTANCE_HEADER, FrontDoor
 from prefill_bootstrap.service.listener import Slot
+from prefill_bootstrap.service.pipeline import LongPoll
 from prefill_bootstrap.service.replies import Reply, error_reply
+from prefill_bootstrap.service.routes import Route
+from prefill_bootstrap.service.uvicorn_glue import STATUS_LINE, PendingCycle, UvicornHttpProtocol
 from prefill_bootstrap.service.waiters import Parked
 
 __all__ = ["hot_path_protocol"]
 
-log = logging.getLogger("prefill_bootstrap.server")
+log = logging.getLogger(__name__)
 
 
 _JOIN_BODY_BYTES = 16384
 """Bodies up to this size go out in the same write as their head (one syscall)."""
 
 
-class _NoWaiters:
-    def set(self) -> None:
-        """uvicorn sets a lost connection's cycle event; nothing waits on a placeholder's."""
-
-
-class _Answering:
-    """Holds uvicorn's cycle slot (``protocol.cycle``) while an answer is awaited: a
-    registration's disk write, or a long poll's wait for the table.
-
-    uvicorn queues a pipelined request while ``response_complete`` is false, marks
-    ``disconnected`` and sets ``message_event`` when the connection is lost, and clears
-    ``keep_alive`` to close after the answer on a graceful shutdown: the three things it does
-    to any cycle it did not start itself.
-    """
-
-    __slots__ = ("disconnected", "keep_alive", "response_complete")
-    message_event = _NoWaiters()
-
-    def __init__(self) -> None:
-        self.response_complete = False
-        self.disconnected = False
-        self.keep_alive = True
-
-
 class _HeadRefused(Exception):
     """Raised from a parser callback to stop parsing a request already answered."""
 
 
-class _HotPathProtocol(HttpToolsProtocol):
+class _HotPathProtocol(UvicornHttpProtocol):
     front: FrontDoor
 
     def __init__(self, *args: Any, slot: Slot | None = None, **kwargs: Any) -> None:
@@ -189,7 +167,7 @@ class _HotPathProtocol(HttpToolsProtocol):
         self._awaiting_headers = True
         self._header_bytes = 0
         self._arm_header_timer()
-        self._hot: tuple[str, str, bytes, float] | None = None
+        self._hot: tuple[Route, bytes, float] | None = None
         self._hot_body: list[bytes] = []
         self._hot_size = 0
 
@@ -219,18 +197,16 @@ class _HotPathProtocol(HttpToolsProtocol):
             return False
         if not parser.should_keep_alive() or parser.should_upgrade():
             return False
-        if self.access_log or self.expect_100_continue or self.pipeline:
-            return False
-        if self.cycle is not None and not self.cycle.response_complete:
-            return False  # an earlier request on this connection is still being answered
+        if not self.uvicorn_idle():
+            return False  # e.g. an earlier request on this connection is still being answered
         path, _, query = self.url.partition(b"?")
         try:
-            route = path.decode("ascii")
+            route = self.front.hot_route(method, path.decode("ascii"))
         except UnicodeDecodeError:
             return False
-        if not (self.front.is_hot(method, route) or self.front.is_registration(method, route)):
+        if route is None:
             return False
-        self._hot = (method, route, query.partition(b"#")[0], time.perf_counter())
+        self._hot = (route, query.partition(b"#")[0], time.perf_counter())
         return True
 
     def on_body(self, body: bytes) -> None:
@@ -246,77 +222,70 @@ class _HotPathProtocol(HttpToolsProtocol):
         if self._hot is None:
             super().on_message_complete()
             return
-        method, route, query, started = self._hot
+        route, query, started = self._hot
         self._hot = None
         front = self.front
-        reply = front.refusal(self.headers, self.client, method, route)
-        if reply is None and self._hot_size > front.max_body_bytes:
-            reply = front.too_large()
-        if reply is None and front.is_registration(method, route):
-            self._answer_later(front.register(b"".join(self._hot_body)), method, route, started)
-            return
+        reply = front.gate(
+            route, route.method, route.path, self.headers, self.client, self._hot_size
+        )
         if reply is None:
-            seconds = front.long_poll(method, route, query)
-            if seconds is not None:
-                self._park(seconds, method, route, started)
+            outcome = front.dispatch(route, query, b"".join(self._hot_body))
+            if type(outcome) is LongPoll:
+                self._park(outcome, started)
                 return
-            reply = front.hot_reply(method, route, query, b"".join(self._hot_body))
+            if type(outcome) is not Reply:
+                self._answer_later(outcome, route, started)  # type: ignore[arg-type]
+                return
+            reply = outcome  # type: ignore[assignment]
         self._write(reply)
-        front.observe(method, route, reply.status, started)
+        front.observe(route.method, route.path, reply.status, started)
         self.on_response_complete()
 
-    def _park(self, seconds: float, method: str, route: str, started: float) -> None:
-        placeholder = _Answering()
-        self.cycle = placeholder  # type: ignore[assignment]
-        on_wake = functools.partial(self._woken, placeholder, method, route, started)
-        self._parked = self.front.park(seconds, on_wake)
+    def _park(self, poll: LongPoll, started: float) -> None:
+        placeholder = self.hold_cycle()
+        on_wake = functools.partial(self._woken, placeholder, poll, started)
+        self._parked = self.front.park(poll, on_wake)
 
-    def _woken(self, placeholder: _Answering, method: str, route: str, started: float) -> int:
+    def _woken(self, placeholder: PendingCycle, poll: LongPoll, started: float) -> int:
         """Answer a parked long poll; the bytes written (the waiters pace wake-ups by them)."""
         self._parked = None
         placeholder.response_complete = True
         if self.transport.is_closing():
             return 0
-        reply = self.front.long_poll_reply(route)
-        self.front.observe(method, route, reply.status, started)
+        reply = self.front.after_wait(poll)
+        self.front.observe(poll.route.method, poll.route.path, reply.status, started)
         return self._finish(placeholder, reply)
 
-    def _answer_later(
-        self, answering: Coroutine[Any, Any, Reply], method: str, route: str, started: float
-    ) -> None:
-        task = self.loop.create_task(answering)
-        placeholder = _Answering()
-        self.cycle = placeholder  # type: ignore[assignment]
-        self.tasks.add(task)  # uvicorn's graceful shutdown waits for it
-        task.add_done_callback(
-            functools.partial(self._answered, placeholder, method, route, started)
-        )
+    def _answer_later(self, answering: Awaitable[Reply], route: Route, started: float) -> None:
+        task = self.loop.create_task(answering)  # type: ignore[arg-type]
+        placeholder = self.hold_cycle()
+        self.keep_task(task)  # uvicorn's graceful shutdown waits for it
+        task.add_done_callback(functools.partial(self._answered, placeholder, route, started))
 
     def _answered(
         self,
-        placeholder: _Answering,
-        method: str,
-        route: str,
+        placeholder: PendingCycle,
+        route: Route,
         started: float,
         task: asyncio.Task[Reply],
     ) -> None:
-        self.tasks.discard(task)
+        self.drop_task(task)
         placeholder.response_complete = True
         if task.cancelled():  # the graceful shutdown's deadline passed: nothing to answer with
             self.transport.close()
             return
         failure = task.exception()
-        if failure is not None:
-            log.error("%s %s failed unexpectedly.", method, route, exc_info=failure)
-            reply = error_reply(500, "internal_error", f"unexpected {type(failure).__name__}")
-        else:
-            reply = task.result()
-        self.front.observe(method, route, reply.status, started)
+        reply = (
+            task.result()
+            if failure is None
+            else self.front.failed(route.method, route.path, failure)
+        )
+        self.front.observe(route.method, route.path, reply.status, started)
         if self.transport.is_closing():
             return  # the client went away (a registration stands)
         self._finish(placeholder, reply)
 
-    def _finish(self, placeholder: _Answering, reply: Reply) -> int:
+    def _finish(self, placeholder: PendingCycle, reply: Reply) -> int:
         written = self._write(reply)
         if not placeholder.keep_alive:
             self.transport.close()
@@ -325,13 +294,16 @@ class _HotPathProtocol(HttpToolsProtocol):
 
     def _write(self, reply: Reply) -> int:
         parts = [STATUS_LINE[reply.status]]
-        for name, value in self.server_state.default_headers:
+        for name, value in self.default_headers():
             parts += [name, b": ", value, b"\r\n"]
         parts += [
             b"content-type: ", reply.content_type, b"\r\n",
             b"content-length: %d\r\n" % len(reply.body),
-            INSTANCE_HEADER, b": ", self.front.registry.group.instance_id.encode(), b"\r\n\r\n",
         ]  # fmt: skip
+        for name, value in reply.headers:
+            parts += [name, b": ", value, b"\r\n"]
+        instance = self.front.registry.group.instance_id.encode()
+        parts += [INSTANCE_HEADER, b": ", instance, b"\r\n\r\n"]
         if len(reply.body) <= _JOIN_BODY_BYTES:
             self.transport.write(b"".join([*parts, reply.body]))
         else:  # a shared table body of a megabyte is not copied once per waiter

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 __all__ = ["SILENT_SLOT_SECONDS", "SLOT_SECONDS", "AdmissionListener", "Slot"]
 
-log = logging.getLogger("prefill_bootstrap.server")
+log = logging.getLogger(__name__)
 
 SLOT_SECONDS = 2.0
 """How long a new connection may hold its slot without being answered: clients send at once,

@@ -1,43 +1,60 @@
-"""Answers as bytes, and domain errors -> HTTP in one place.
+"""Answers as bytes, and every error -> its answer, in one place.
 
-Both doors (the FastAPI app and the lean hot path) turn our errors into answers through
-``reply_for``, so a 409 or a 422 reads the same whichever door served it.
+Every door (the lean protocol, the ASGI ``FrontDoor``, the FastAPI routes) answers a ``Reply``,
+and every error becomes one here: a ``BootstrapError`` by its own ``status``/``kind``/``details``
+(``reply_for``), a validation error by ``validation_reply``. So a 409 or a 422 reads the same
+whichever door served it, and pydantic's messages are cleaned and located in one place.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import orjson
+from pydantic import ValidationError
 
-from prefill_bootstrap.shared.errors import (
-    BootstrapError,
-    CellNotFound,
-    LeaseNotHeld,
-    ProtocolMismatch,
-    StateStoreError,
-    TopologyConflict,
-)
+from prefill_bootstrap.shared.errors import BootstrapError
 
-__all__ = ["JSON", "TEXT", "Reply", "error_reply", "reply_for", "validation_reply"]
+__all__ = [
+    "JSON",
+    "TEXT",
+    "Reply",
+    "error_reply",
+    "invalid_reply",
+    "reply_for",
+    "validation_reply",
+]
 
 JSON = b"application/json"
 TEXT = b"text/plain; charset=utf-8"
+Location = Literal["body", "query"]
 
 
 class Reply(NamedTuple):
     status: int
     body: bytes
     content_type: bytes = JSON
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    """Headers beyond content type and length (the status page's ``cache-control``, a
+    redirect's ``location``, a 405's ``allow``)."""
 
 
 def error_reply(
-    status: int, error: str, message: str, details: list[dict[str, Any]] | None = None
+    status: int,
+    error: str,
+    message: str,
+    details: list[dict[str, Any]] | None = None,
+    headers: tuple[tuple[bytes, bytes], ...] = (),
 ) -> Reply:
     """The one JSON error shape: ``{"error", "message", "details"}``."""
     body = {"error": error, "message": message, "details": details or []}
-    return Reply(status, orjson.dumps(body))
+    return Reply(status, orjson.dumps(body), JSON, headers)
+
+
+def reply_for(exc: BootstrapError) -> Reply:
+    """The answer to a domain error a request ran into: its class says the status and kind."""
+    return error_reply(exc.status, exc.kind, exc.answer_message(), exc.details())
 
 
 def _plain(value: Any) -> Any:
@@ -52,12 +69,13 @@ def _plain(value: Any) -> Any:
 
 
 def _clean(message: object) -> str:
+    """pydantic prefixes a validator's own ``ValueError`` text; the caller needs only the text."""
     return str(message).removeprefix("Value error, ")
 
 
 def validation_reply(errors: Sequence[dict[str, Any]]) -> Reply:
-    """pydantic/FastAPI validation errors: 400 for a body that is not JSON, else 422 naming
-    every field (the first five in the message)."""
+    """Located validation errors: 400 for a body that is not JSON, else 422 naming every field
+    (the first five in the message)."""
     details = [
         {"loc": _plain(e.get("loc", [])), "msg": _clean(e.get("msg")), "type": e.get("type")}
         for e in errors
@@ -73,20 +91,9 @@ def validation_reply(errors: Sequence[dict[str, Any]]) -> Reply:
     return error_reply(422, "validation_error", message, details)
 
 
-def reply_for(exc: BootstrapError) -> Reply:
-    """The answer to a domain error a request ran into."""
-    if isinstance(exc, TopologyConflict):
-        details = [{"field": exc.field, "established": exc.established, "offered": exc.offered}]
-        return error_reply(409, "topology_conflict", str(exc), details)
-    if isinstance(exc, ProtocolMismatch):
-        details = [{"pinned": exc.pinned, "offered": exc.offered}]
-        return error_reply(422, "protocol_mismatch", str(exc), details)
-    if isinstance(exc, CellNotFound):
-        message = f"{exc}; register the rank (PUT /route) before renewing its lease"
-        return error_reply(404, "cell_not_found", message)
-    if isinstance(exc, LeaseNotHeld):
-        return error_reply(409, "lease_not_held", str(exc))
-    if isinstance(exc, StateStoreError):
-        message = f"{exc}; the request was not acknowledged, retry it"
-        return error_reply(503, "state_not_durable", message)
-    return error_reply(500, "internal_error", str(exc))
+def invalid_reply(exc: ValidationError, location: Location, *name: str) -> Reply:
+    """A model's errors located where the input came from: ``body.<field>`` for a body,
+    ``query.<param>`` for a query parameter (``name`` when the model is of the value alone)."""
+    return validation_reply(
+        [{**error, "loc": (location, *name, *error["loc"])} for error in exc.errors()]
+    )

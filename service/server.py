@@ -14,19 +14,18 @@ import signal
 import socket
 from types import FrameType
 
-import uvicorn
-
 from prefill_bootstrap.service.app import create_app
 from prefill_bootstrap.service.hot_protocol import hot_path_protocol
 from prefill_bootstrap.service.listener import AdmissionListener, Slot
 from prefill_bootstrap.service.logs import configure_logging
 from prefill_bootstrap.service.settings import ServerSettings
 from prefill_bootstrap.service.store import StateStore
+from prefill_bootstrap.service.uvicorn_glue import Config, UvicornServer, check_uvicorn
 from prefill_bootstrap.shared.errors import ConfigurationError, PortInUse
 
 __all__ = ["BootstrapServer", "bind_socket", "prepare", "serve"]
 
-log = logging.getLogger("prefill_bootstrap.server")
+log = logging.getLogger(__name__)
 
 
 def bind_socket(host: str, port: int, backlog: int) -> socket.socket:
@@ -52,7 +51,7 @@ def bind_socket(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
-class BootstrapServer(uvicorn.Server):
+class BootstrapServer(UvicornServer):
     """uvicorn with our listener, and a clean exit on SIGTERM.
 
     uvicorn re-raises SIGTERM after its graceful shutdown, so the process dies "killed by signal"
@@ -60,7 +59,7 @@ class BootstrapServer(uvicorn.Server):
     exit 0.
     """
 
-    def __init__(self, config: uvicorn.Config, accept_limit: int) -> None:
+    def __init__(self, config: Config, accept_limit: int) -> None:
         super().__init__(config)
         self.accept_limit = accept_limit
 
@@ -68,23 +67,17 @@ class BootstrapServer(uvicorn.Server):
         """uvicorn's start-up (the app's lifespan) without uvicorn's listener: ours paces how
         many new connections are taken at once (listener.py)."""
         await super().startup(sockets=[])
-        config, loop = self.config, asyncio.get_running_loop()
+        connection_protocol = self.connection_protocol(asyncio.get_running_loop())
 
         def protocol(slot: Slot) -> asyncio.Protocol:
-            return config.http_protocol_class(  # type: ignore[call-arg]
-                config=config,
-                server_state=self.server_state,
-                app_state=self.lifespan.state,
-                _loop=loop,
-                slot=slot,
-            )
+            return connection_protocol(slot=slot)
 
         for sock in sockets or []:
             listener = AdmissionListener(
-                sock, protocol, limit=self.accept_limit, ssl_context=config.ssl
+                sock, protocol, limit=self.accept_limit, ssl_context=self.tls_context
             )
             listener.start()
-            self.servers.append(listener)  # type: ignore[arg-type]
+            self.add_listener(listener)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """Parked long polls answer first, with the table as it stands: a rank then hears
@@ -94,7 +87,7 @@ class BootstrapServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
-        self._captured_signals.clear()
+        self.forget_signals()
         log.info("Received %s; finishing requests and closing the state.", signal.Signals(sig).name)
 
 
@@ -103,6 +96,7 @@ def prepare(
 ) -> tuple[BootstrapServer, socket.socket]:
     """Bind the socket and build the server, not yet serving: ``serve`` runs it; tests run it
     in a thread with a store of their own."""
+    check_uvicorn()
     sock = bind_socket(settings.host, settings.port, settings.backlog)
     app = create_app(settings, store)
     host, port = sock.getsockname()[:2]
@@ -120,7 +114,7 @@ def prepare(
         registry.group.table.expected_count,
         ", writes need the bearer token" if settings.auth_token else "",
     )
-    config = uvicorn.Config(
+    config = Config(
         app,
         log_level=settings.log_level,
         access_log=settings.access_log,

@@ -63,7 +63,7 @@ __all__ = [
     "open_store",
 ]
 
-log = logging.getLogger("prefill_bootstrap.server")
+log = logging.getLogger(__name__)
 
 DATABASE_NAME = "prefill-bootstrap.sqlite3"
 

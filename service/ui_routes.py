@@ -1,41 +1,38 @@
-"""The status page: static HTML, CSS and JS shipped in the package, read once at start-up.
+"""The status page: static HTML, CSS and JS shipped in the package, read once, on first use.
 
 The page polls ``/prefill_port_table`` like any script would, so it adds no server-side work
-beyond serving three small files, and it works offline (no CDN, no build step).
+beyond serving three small files, and it works offline (no CDN, no build step). Its routes are
+declared in ``routes.py`` like every other; these are their answers.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from importlib import resources
 
-from fastapi import FastAPI, Response
-from fastapi.responses import RedirectResponse
+from prefill_bootstrap.service.registry import Registry
+from prefill_bootstrap.service.replies import Reply
 
-__all__ = ["UI_PATHS", "install_ui"]
+__all__ = ["ASSETS", "asset", "status_page_root"]
 
-_FILES = {
-    "/ui": ("index.html", "text/html; charset=utf-8"),
-    "/ui/app.js": ("app.js", "text/javascript; charset=utf-8"),
-    "/ui/style.css": ("style.css", "text/css; charset=utf-8"),
+ASSETS: dict[str, tuple[str, bytes]] = {
+    "/ui": ("index.html", b"text/html; charset=utf-8"),
+    "/ui/app.js": ("app.js", b"text/javascript; charset=utf-8"),
+    "/ui/style.css": ("style.css", b"text/css; charset=utf-8"),
 }
-UI_PATHS = frozenset({"/", *_FILES})
+"""Each asset's path -> (file in the package's ``ui`` folder, content type)."""
+_NO_CACHE = ((b"cache-control", b"no-cache"),)
+_TO_THE_PAGE = Reply(307, b"", b"text/plain; charset=utf-8", ((b"location", b"/ui"),))
 
 
-def install_ui(app: FastAPI) -> None:
-    folder = resources.files("prefill_bootstrap.service") / "ui"
-    contents = {path: (folder / name).read_bytes() for path, (name, _) in _FILES.items()}
+@cache
+def asset(path: str) -> Reply:
+    """The answer for one asset: read once, then the same bytes for every request."""
+    name, content_type = ASSETS[path]
+    body = (resources.files("prefill_bootstrap.service") / "ui" / name).read_bytes()
+    return Reply(200, body, content_type, _NO_CACHE)
 
-    @app.get("/", include_in_schema=False)
-    async def root() -> RedirectResponse:
-        return RedirectResponse("/ui")
 
-    def serve(path: str, media_type: str) -> None:
-        body = contents[path]
-
-        async def page() -> Response:
-            return Response(body, media_type=media_type, headers={"cache-control": "no-cache"})
-
-        app.get(path, summary=f"Status page asset {path}", include_in_schema=False)(page)
-
-    for path, (_, media_type) in _FILES.items():
-        serve(path, media_type)
+def status_page_root(registry: Registry, query: bytes, body: bytes) -> Reply:
+    """``GET /``: the status page lives at ``/ui``."""
+    return _TO_THE_PAGE

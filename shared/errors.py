@@ -1,14 +1,16 @@
 """The one exception tree of prefill-bootstrap.
 
 Every error carries the data an operator needs and writes its own message: what happened and what
-to do next. The server maps these to HTTP in one place (``service/http_errors.py``); the client
-translates foreign errors (httpx, torch) into them in one place (``client/http.py``).
+to do next. An error the server answers carries its HTTP ``status`` and machine-readable ``kind``
+as class attributes and its ``details()``; ``service/replies.reply_for`` turns any of them into
+the one JSON error shape, whichever door answered. The client translates foreign errors (httpx,
+torch) into them in one place (``client/http.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = [
     "BootstrapError",
@@ -27,6 +29,7 @@ __all__ = [
     "StateStoreError",
     "TableIncomplete",
     "TopologyConflict",
+    "TopologyNotAddressable",
     "UnexpectedAnswer",
     "UnsupportedSGLang",
     "format_cell",
@@ -48,7 +51,23 @@ def _summarise_cells(cells: Sequence[Sequence[int]], limit: int = 16) -> str:
 
 
 class BootstrapError(Exception):
-    """Root of every error prefill-bootstrap raises on purpose."""
+    """Root of every error prefill-bootstrap raises on purpose.
+
+    ``status`` and ``kind`` say how the server answers one (one kind, one status); errors the
+    server never answers keep the defaults, a 500 should one ever escape."""
+
+    status: ClassVar[int] = 500
+    kind: ClassVar[str] = "internal_error"
+    hint: ClassVar[str] = ""
+    """Appended to the message when the server answers it: what the caller should do."""
+
+    def details(self) -> list[dict[str, Any]]:
+        """The structured facts of the answer's ``details`` (none unless a subclass has some)."""
+        return []
+
+    def answer_message(self) -> str:
+        """The ``message`` of the server's answer."""
+        return f"{self}{self.hint}"
 
 
 class ConfigurationError(BootstrapError):
@@ -85,6 +104,9 @@ class PortInUse(ConfigurationError):
 class ProtocolMismatch(BootstrapError):
     """A request speaks a bootstrap protocol generation the server was pinned not to accept."""
 
+    status = 422
+    kind = "protocol_mismatch"
+
     def __init__(self, pinned: str, offered: str) -> None:
         self.pinned = pinned
         self.offered = offered
@@ -94,13 +116,40 @@ class ProtocolMismatch(BootstrapError):
             "generation, or start the server with --protocol auto"
         )
 
+    def details(self) -> list[dict[str, Any]]:
+        return [{"pinned": self.pinned, "offered": self.offered}]
+
+
+class TopologyNotAddressable(BootstrapError):
+    """An older decode asks about a group whose topology its protocol generation cannot address
+    (context parallelism, pipeline parallelism for gen 1, several dp groups it would pick
+    wrongly): a conflict with the stored topology, not with the server's settings."""
+
+    status = 409
+    kind = "topology_not_addressable"
+
+    def __init__(self, generation: str, problem: str) -> None:
+        self.generation = generation
+        self.problem = problem
+        super().__init__(problem)
+
+    def details(self) -> list[dict[str, Any]]:
+        return [{"generation": self.generation}]
+
 
 class StateStoreError(BootstrapError):
     """The durable state could not be read or written; the request was not acknowledged."""
 
+    status = 503
+    kind = "state_not_durable"
+    hint = "; the request was not acknowledged, retry it"
+
 
 class TopologyConflict(BootstrapError):
     """A registration contradicts the topology the group already established."""
+
+    status = 409
+    kind = "topology_conflict"
 
     def __init__(self, field: str, established: Any, offered: Any) -> None:
         self.field = field
@@ -112,9 +161,17 @@ class TopologyConflict(BootstrapError):
             "server's state if the whole group changed shape"
         )
 
+    def details(self) -> list[dict[str, Any]]:
+        return [{"field": self.field, "established": self.established, "offered": self.offered}]
+
 
 class CellNotFound(BootstrapError):
-    """No rank registered the requested cell."""
+    """No rank registered the requested cell (the server answers it to a heartbeat: lookups
+    answer SGLang's own 404 text)."""
+
+    status = 404
+    kind = "cell_not_found"
+    hint = "; register the rank (PUT /route) before renewing its lease"
 
     def __init__(self, cell: Cell) -> None:
         self.cell = cell
@@ -123,6 +180,9 @@ class CellNotFound(BootstrapError):
 
 class LeaseNotHeld(BootstrapError):
     """A heartbeat came from an address that no longer holds the cell."""
+
+    status = 409
+    kind = "lease_not_held"
 
     def __init__(self, cell: Cell, holder: Any, offered: Any) -> None:
         self.cell = cell

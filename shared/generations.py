@@ -35,14 +35,14 @@ __all__ = [
     "RELEASES",
     "Gen1Registration",
     "Gen2Registration",
-    "Generation",
     "LookupGeneration",
+    "ProtocolGeneration",
     "lookup_generation",
     "registration_generation",
     "to_current",
 ]
 
-Generation = Literal["1", "2a", "2b", "3"]
+ProtocolGeneration = Literal["1", "2a", "2b", "3"]
 """What a registration tells apart (1a and 1b send identical bodies)."""
 LookupGeneration = Literal["1", "2", "3"]
 """What a lookup tells apart (2a and 2b send identical queries)."""
@@ -134,7 +134,7 @@ class Gen2Registration(BaseModel):
         )
 
 
-def registration_generation(body: Mapping[str, Any]) -> Generation:
+def registration_generation(body: Mapping[str, Any]) -> ProtocolGeneration:
     """Tell the generation of a ``PUT /route`` body from the fields it carries.
 
     Gen 3 never sends ``role``, gens 1-2 never send ``attn_cp_size``; a body that matches no
@@ -149,7 +149,7 @@ def registration_generation(body: Mapping[str, Any]) -> Generation:
     return "3"
 
 
-def to_current(body: Mapping[str, Any], generation: Generation) -> RankRegistration | None:
+def to_current(body: Mapping[str, Any], generation: ProtocolGeneration) -> RankRegistration | None:
     """Validate a body of ``generation`` and map it to the current shape; ``None`` for a role
     other than Prefill (acknowledged and stored nowhere, as SGLang's own servers did)."""
     if generation == "3":

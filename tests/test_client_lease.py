@@ -3,8 +3,11 @@ back after a server reset, and steps aside when another rank took the cell."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -79,3 +82,47 @@ def test_a_registration_without_a_lease_has_nothing_to_keep() -> None:
     registration = RankRegistration.model_validate(sglang_registration())
     with pytest.raises(ValueError, match="no lease_seconds"):
         LeaseKeeper(BootstrapClient("127.0.0.1:1"), registration)
+
+
+EXIT_PROBE = """
+import atexit, sys
+registered = []
+register = atexit.register
+atexit.register = lambda function, *args, **kwargs: (
+    getattr(function, "__module__", "").startswith("prefill_bootstrap")
+    and registered.append(function),
+    register(function, *args, **kwargs),
+)[1]
+
+from prefill_bootstrap.client.lease import LeaseKeeper
+from prefill_bootstrap.shared.protocol import RankRegistration
+from tests.conftest import sglang_registration
+
+class Client:
+    def heartbeat(self, registration): pass
+    def register(self, registration): pass
+    def close(self): print("closed", flush=True)
+
+print("hooks after import:", len(registered), flush=True)
+body = sglang_registration(lease_seconds=600, attn_tp_size=2)
+for tp in range(2):
+    registration = RankRegistration.model_validate({**body, "attn_tp_rank": tp})
+    LeaseKeeper(Client(), registration).start()
+print("hooks after two starts:", len(registered), flush=True)
+"""
+
+
+def test_keepers_still_running_are_stopped_at_exit_by_a_hook_registered_on_first_start() -> None:
+    """Importing the module registers nothing; the first keeper started registers the exit
+    hook once, and at exit it stops every keeper still running (their clients close)."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_PROBE], capture_output=True, text=True, timeout=60, cwd=root
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "hooks after import: 0",
+        "hooks after two starts: 1",
+        "closed",
+        "closed",
+    ]

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from prefill_bootstrap.service import ServerSettings, create_app
-from prefill_bootstrap.service.answers import port_table, ready
+from prefill_bootstrap.service.additions import port_table, ready
 from prefill_bootstrap.service.store import MemoryStore
 from prefill_bootstrap.service.waiters import WAKE_SLICE_BYTES, Waiters
 from prefill_bootstrap.shared.protocol import RankRegistration
@@ -201,8 +201,8 @@ async def test_every_waiter_gets_the_same_serialised_answer() -> None:
     app = create_app(ServerSettings(state_dir=None), MemoryStore())
     registry = app.registry
     await registry.group.register(RankRegistration(**rank(0, size=1)))
-    assert ready(registry).body is ready(registry).body
-    assert port_table(registry).body is port_table(registry).body
+    assert ready(registry, b"", b"").body is ready(registry, b"", b"").body
+    assert port_table(registry, b"", b"").body is port_table(registry, b"", b"").body
     registry.close()
 
 

@@ -76,7 +76,7 @@ WAIT_BOUND = 2.0
 one answer has to travel back (a local request on the leader's healthy link)."""
 
 RETRY_LINE = re.compile(
-    r"WARNING prefill_bootstrap\.client: Rank (?P<rank>\d+) could not (?P<action>.+) at "
+    r"WARNING prefill_bootstrap\.client\.core: Rank (?P<rank>\d+) could not (?P<action>.+) at "
     r"(?P<url>\S+) \(attempt (?P<attempt>\d+) of \d+, [\d.]+s elapsed\): (?P<cause>.+); "
     r"retrying in [\d.]+s\.$"
 )

@@ -140,7 +140,7 @@ async def test_an_older_decode_is_refused_when_the_group_needs_what_it_cannot_ad
         ):
             response = await client.get("/route", params=params)
             assert response.status_code == 409
-            assert response.json()["error"] == "protocol_mismatch"
+            assert response.json()["error"] == "topology_not_addressable"
             assert field in response.json()["message"]
 
 
@@ -183,8 +183,9 @@ async def test_a_pinned_server_refuses_other_generations_clearly(
         assert response.json()["error"] == "protocol_mismatch"
         assert "--protocol" in response.json()["message"]
         lookup = await client.get("/route", params={"engine_rank": "0", "target_dp_group": "0"})
-        assert lookup.status_code == 400
+        assert lookup.status_code == 422  # one kind, one status: as the registration above
         assert lookup.json()["error"] == "protocol_mismatch"
+        assert "--protocol" in lookup.json()["message"]
         assert (await client.put("/route", json=sglang_registration())).status_code == 200
 
 
