@@ -35,8 +35,8 @@ def _cell_text(cell: CellReport | None) -> str:
     if cell is None:
         return MISSING
     text = f"{format_host(cell.rank_ip)}:{cell.rank_port}"
-    if cell.generation > 1:
-        text += f" (gen {cell.generation})"
+    if cell.address_version > 1:
+        text += f" (address v{cell.address_version})"
     if cell.state == "expired":
         text += " (expired)"
     return text

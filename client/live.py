@@ -24,7 +24,7 @@ _STYLES = (
     (r"\bINCOMPLETE\b", "bold red"),
     (r"\bCOMPLETE\b", "bold green"),
     (r"\(expired\)", "bold yellow"),
-    (r"\(gen \d+\)", "yellow"),
+    (r"\(address v\d+\)", "yellow"),
     (r"^conflict:.*$", "red"),
 )
 

@@ -230,19 +230,19 @@ class PortGroup:
         progress = f"{table.registered_count}/{table.expected_count} cells"
         if done.outcome is Outcome.NEW:
             log.info(
-                "Registered cell %s at %s (generation %d, %s).",
+                "Registered cell %s at %s (address version %d, %s).",
                 format_cell(record.cell),
                 where,
-                record.generation,
+                record.address_version,
                 progress,
             )
         elif done.outcome is Outcome.REPLACED and done.previous is not None:
             log.warning(
-                "Cell %s moved %s -> %s (generation %d, %s).",
+                "Cell %s moved %s -> %s (address version %d, %s).",
                 format_cell(record.cell),
                 _address(done.previous.rank_ip, done.previous.rank_port),
                 where,
-                record.generation,
+                record.address_version,
                 progress,
             )
         else:

@@ -1,10 +1,16 @@
-"""The ``/prefill_port_table`` and ``/ready`` bodies, built from the registry's state."""
+"""The ``/prefill_port_table`` and ``/ready`` bodies (``TableReport``, ``ReadyReport``), built
+from the registry's state."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
+from prefill_bootstrap.service.records import (
+    cells_json,
+    conflict_json,
+    replacement_json,
+    topology_report,
+)
 from prefill_bootstrap.service.registry import Registry
 
 __all__ = ["LISTED_MISSING_CELLS", "readiness", "table_report"]
@@ -23,17 +29,14 @@ def _missing(registry: Registry) -> dict[str, Any]:
 
 
 def table_report(registry: Registry) -> dict[str, Any]:
+    """``TableReport``, record by record through ``records.py`` (plain dicts: see there why)."""
     table = registry.group.table
     topology = table.topology
     per_row = topology.cells_per_row() if topology else 0
-    report = {
+    return {
         "instance_id": registry.group.instance_id,
         "complete": table.is_complete,
-        "topology": (
-            {key: value for key, value in asdict(topology).items() if key != "options"}
-            if topology
-            else None
-        ),
+        "topology": topology_report(topology) if topology else None,
         "expected_cells": table.expected_count,
         "registered_cells": table.registered_count,
         **_missing(registry),
@@ -42,51 +45,12 @@ def table_report(registry: Registry) -> dict[str, Any]:
             {"dp": dp, "expected": per_row, "registered": count, "complete": count >= per_row}
             for dp, count in sorted(table.row_counts().items())
         ],
-        "cells": [
-            {
-                "dp": record.cell.dp,
-                "cp": record.cell.cp,
-                "tp": record.cell.tp,
-                "pp": record.cell.pp,
-                "rank_ip": record.address.rank_ip,
-                "rank_port": record.address.rank_port,
-                "first_registered_at": record.first_registered_at,
-                "last_registered_at": record.last_registered_at,
-                "generation": record.generation,
-                "state": "expired" if table.is_expired(record.cell) else "registered",
-                "lease_seconds": record.lease_seconds,
-                "lease_expires_at": table.lease_expires_at(record.cell),
-                "protocol": record.protocol,
-                "extra": record.extra,
-            }
-            for record in table.records()
-        ],
-        "replacements": [
-            {
-                "cell": list(event.cell),
-                "old": event.old.model_dump(),
-                "new": event.new.model_dump(),
-                "generation": event.generation,
-                "at": event.at,
-            }
-            for event in table.replacements
-        ],
-        "conflicts": [
-            {
-                "field": event.field,
-                "established": event.established,
-                "offered": event.offered,
-                "rank_ip": event.address.rank_ip,
-                "rank_port": event.address.rank_port,
-                "cell": list(event.cell),
-                "at": event.at,
-            }
-            for event in table.conflicts
-        ],
+        "cells": cells_json(table.records(), set(table.expired_cells()), table.lease_expires_at),
+        "replacements": [replacement_json(event) for event in table.replacements],
+        "conflicts": [conflict_json(event) for event in table.conflicts],
         "server_info": table.server_info() if table.is_complete else None,
         "state": registry.group.store.kind,
     }
-    return report
 
 
 def readiness(registry: Registry) -> dict[str, Any]:

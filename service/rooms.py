@@ -3,18 +3,18 @@
 With prefill dp > 1 and a load-balance method other than ``follow_bootstrap_room``, SGLang
 registers one room per request served, so this table sees sustained traffic and must stay small
 at any rate. A plain dict costs ~90 bytes a room (the 63-bit key alone is a 40-byte int object),
-so rooms live in *generations*:
+so rooms live in *buckets*:
 
-- new rooms go into a dict, the live generation: the rooms a decode asks about were usually
+- new rooms go into a dict, the live bucket: the rooms a decode asks about were usually
   registered moments ago, and a dict answers those fastest;
 - once it holds ``capacity / 8`` rooms or is ``ttl / 8`` old, it is frozen into two sorted arrays
-  (8-byte rooms, 4-byte ranks) searched by bisection, and a new live generation starts;
-- a generation expires as a whole once its newest room is ``ttl`` old, so a room is found for at
+  (8-byte rooms, 4-byte ranks) searched by bisection, and a new live bucket starts;
+- a bucket expires as a whole once its newest room is ``ttl`` old, so a room is found for at
   least ``ttl`` after its last registration and at most ``ttl / 8`` longer (SGLang's own sweep
   keeps rooms between one and two TTLs);
-- beyond ``capacity`` rooms the oldest generations are evicted, so the table never holds more.
+- beyond ``capacity`` rooms the oldest buckets are evicted, so the table never holds more.
 
-A room registered again is found with its newest dp rank: the newest generation is asked first.
+A room registered again is found with its newest dp rank: the newest bucket is asked first.
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable
 
-__all__ = ["GENERATIONS", "RoomTable"]
+__all__ = ["BUCKETS", "RoomTable"]
 
-GENERATIONS = 8
-"""Generations per TTL and per capacity: more means finer expiry and smaller freezes, but more
-arrays to search for a room that is not in the live generation."""
+BUCKETS = 8
+"""Buckets per TTL and per capacity: more means finer expiry and smaller freezes, but more
+arrays to search for a room that is not in the live bucket."""
 
 
 class _Frozen:
-    """One generation, read-only: sorted rooms and their dp ranks, 12 bytes a room."""
+    """One bucket, read-only: sorted rooms and their dp ranks, 12 bytes a room."""
 
     __slots__ = ("newest", "ranks", "rooms")
 
@@ -61,8 +61,8 @@ class RoomTable:
             raise ValueError("capacity must be at least 1")
         self.ttl_seconds = ttl_seconds
         self.capacity = capacity
-        self.generation_size = max(1, capacity // GENERATIONS)
-        self.generation_span = ttl_seconds / GENERATIONS
+        self.bucket_size = max(1, capacity // BUCKETS)
+        self.bucket_span = ttl_seconds / BUCKETS
         self._live: dict[int, int] = {}
         self._live_since = 0.0
         self._live_newest = 0.0
@@ -72,7 +72,7 @@ class RoomTable:
         self.expired = 0
 
     def __len__(self) -> int:
-        """Room entries held; a room registered again may count once per generation."""
+        """Room entries held; a room registered again may count once per bucket."""
         return len(self._live) + self._frozen_rooms
 
     def register(self, room: int, dp_rank: int, now: float) -> None:
@@ -82,7 +82,7 @@ class RoomTable:
             self._live_since = now
         live[room] = dp_rank
         self._live_newest = now
-        if len(live) >= self.generation_size:
+        if len(live) >= self.bucket_size:
             self._freeze()
         while len(self) > self.capacity and self._frozen:
             self.evicted += self._drop_oldest()
@@ -95,8 +95,8 @@ class RoomTable:
         for room in rooms:
             rank = live.get(room)
             if rank is None:
-                for generation in reversed(frozen):
-                    rank = generation.get(room)
+                for bucket in reversed(frozen):
+                    rank = bucket.get(room)
                     if rank is not None:
                         break
                 else:
@@ -105,12 +105,12 @@ class RoomTable:
         return found
 
     def _age(self, now: float) -> None:
-        """Freeze a live generation that spans ``ttl / 8``, then drop expired generations.
+        """Freeze a live bucket that spans ``ttl / 8``, then drop expired buckets.
 
         Freezing first keeps every live room younger than the TTL, so only whole frozen
-        generations ever expire.
+        buckets ever expire.
         """
-        if self._live and now - self._live_since >= self.generation_span:
+        if self._live and now - self._live_since >= self.bucket_span:
             self._freeze()
         cutoff = now - self.ttl_seconds
         frozen = self._frozen
@@ -118,9 +118,9 @@ class RoomTable:
             self.expired += self._drop_oldest()
 
     def _freeze(self) -> None:
-        generation = _Frozen(self._live, self._live_newest)
-        self._frozen.append(generation)
-        self._frozen_rooms += len(generation)
+        bucket = _Frozen(self._live, self._live_newest)
+        self._frozen.append(bucket)
+        self._frozen_rooms += len(bucket)
         self._live = {}
 
     def _drop_oldest(self) -> int:

@@ -3,7 +3,8 @@
 A store applies *batches* of changes atomically; ``GroupCommitWriter`` funnels every request's
 changes through one thread so concurrent registrations share one fsync (group commit) without
 weakening the promise that a 200 means the registration is on disk. Both stores pass the same
-contract tests (``tests/test_store.py``).
+contract tests (``tests/test_store.py``). The SQLite format is documented with the functions that
+write and read it (``records.py``); ``store_migrations.py`` upgrades older state on open.
 """
 
 from __future__ import annotations
@@ -19,13 +20,25 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from prefill_bootstrap.service.records import (
+    CELL_COLUMNS,
+    cell_from_row,
+    cell_row,
+    conflict_from_json,
+    conflict_json,
+    replacement_from_json,
+    replacement_json,
+    topology_from_json,
+    topology_json,
+)
 from prefill_bootstrap.service.state_files import RESET_REMEDY, check_not_emptied, move_aside
+from prefill_bootstrap.service.store_migrations import SCHEMA_VERSION, NewerSchema, migrate
 from prefill_bootstrap.service.table import (
     HISTORY_LIMIT,
     CellRecord,
@@ -35,7 +48,7 @@ from prefill_bootstrap.service.table import (
     Topology,
 )
 from prefill_bootstrap.shared.errors import ConfigurationError, StateStoreError
-from prefill_bootstrap.shared.protocol import Cell, RankAddress
+from prefill_bootstrap.shared.protocol import Cell
 
 __all__ = [
     "CHECKPOINT",
@@ -53,7 +66,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DATABASE_NAME = "prefill-bootstrap.sqlite3"
-SCHEMA_VERSION = "1"
 
 
 def new_instance_id() -> str:
@@ -139,7 +151,7 @@ CREATE TABLE IF NOT EXISTS cells (
     dp INTEGER NOT NULL, cp INTEGER NOT NULL, tp INTEGER NOT NULL, pp INTEGER NOT NULL,
     rank_ip TEXT NOT NULL, rank_port INTEGER NOT NULL,
     first_registered_at REAL NOT NULL, last_registered_at REAL NOT NULL,
-    generation INTEGER NOT NULL, extra TEXT NOT NULL, lease_seconds REAL,
+    address_version INTEGER NOT NULL, extra TEXT NOT NULL, lease_seconds REAL,
     protocol TEXT NOT NULL DEFAULT '3',
     PRIMARY KEY (dp, cp, tp, pp)
 );
@@ -149,51 +161,15 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
+_INSERT_CELL = (
+    f"INSERT OR REPLACE INTO cells ({', '.join(CELL_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in CELL_COLUMNS)})"
+)
+_INSERT_EVENT = "INSERT INTO events (kind, body) VALUES (?, ?)"
+
+
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
-
-
-def _record_from_row(row: sqlite3.Row) -> CellRecord:
-    return CellRecord(
-        cell=Cell(row["dp"], row["cp"], row["tp"], row["pp"]),
-        address=RankAddress(rank_ip=row["rank_ip"], rank_port=row["rank_port"]),
-        first_registered_at=row["first_registered_at"],
-        last_registered_at=row["last_registered_at"],
-        generation=row["generation"],
-        extra=orjson.loads(row["extra"]),
-        lease_seconds=row["lease_seconds"],
-        protocol=row["protocol"],
-    )
-
-
-def _event_body(event: Replacement | Conflict) -> str:
-    body = asdict(event)
-    body["cell"] = list(event.cell)
-    for key in ("old", "new", "address"):
-        if key in body:
-            body[key] = getattr(event, key).model_dump()
-    return _dumps(body)
-
-
-def _replacement(body: dict[str, Any]) -> Replacement:
-    return Replacement(
-        Cell(*body["cell"]),
-        RankAddress(**body["old"]),
-        RankAddress(**body["new"]),
-        body["generation"],
-        body["at"],
-    )
-
-
-def _conflict(body: dict[str, Any]) -> Conflict:
-    return Conflict(
-        body["field"],
-        body["established"],
-        body["offered"],
-        RankAddress(**body["address"]),
-        Cell(*body["cell"]),
-        body["at"],
-    )
 
 
 class SqliteStore(StateStore):
@@ -246,22 +222,38 @@ class SqliteStore(StateStore):
                 "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?), ('instance_id', ?)",
                 (SCHEMA_VERSION, new_instance_id()),
             )
+            migrated_from = migrate(self._db)
             self._opened = True
-        except sqlite3.Error as exc:
+        except NewerSchema as exc:
+            self.close()
+            raise StateStoreError(
+                f"the state database {self.path} has schema version {exc}, written by a newer "
+                f"prefill-bootstrap (this one knows up to {SCHEMA_VERSION}): run that release, "
+                f"or {RESET_REMEDY}"
+            ) from exc
+        except (sqlite3.Error, orjson.JSONDecodeError, TypeError, KeyError) as exc:
             self.close()
             raise StateStoreError(
                 f"cannot open the state database {self.path}: {exc}; if the file is damaged, "
                 f"{RESET_REMEDY}"
             ) from exc
+        if migrated_from is not None:
+            log.warning(
+                "Upgraded the state database %s from schema version %s to %s; releases older "
+                "than this one cannot open it any more.",
+                self.path,
+                migrated_from,
+                SCHEMA_VERSION,
+            )
 
     def load(self) -> StoredState:
         try:
             meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
             topology = None
             if "topology" in meta:
-                topology = Topology(**orjson.loads(meta["topology"]))
+                topology = topology_from_json(orjson.loads(meta["topology"]))
             cells = tuple(
-                _record_from_row(row)
+                cell_from_row(row)
                 for row in self._db.execute("SELECT * FROM cells ORDER BY dp, cp, tp, pp")
             )
             history: dict[str, list[dict[str, Any]]] = {"replacement": [], "conflict": []}
@@ -278,8 +270,8 @@ class SqliteStore(StateStore):
         snapshot = Snapshot(
             topology,
             cells,
-            tuple(_replacement(body) for body in history["replacement"]),
-            tuple(_conflict(body) for body in history["conflict"]),
+            tuple(replacement_from_json(body) for body in history["replacement"]),
+            tuple(conflict_from_json(body) for body in history["conflict"]),
         )
         return StoredState(meta["instance_id"], snapshot)
 
@@ -301,29 +293,15 @@ class SqliteStore(StateStore):
                 elif isinstance(change, Topology):
                     db.execute(
                         "INSERT OR REPLACE INTO meta VALUES ('topology', ?)",
-                        (_dumps(asdict(change)),),
+                        (_dumps(topology_json(change)),),
                     )
                 elif isinstance(change, CellRecord):
-                    db.execute(
-                        "INSERT OR REPLACE INTO cells VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            *change.cell,
-                            change.address.rank_ip,
-                            change.address.rank_port,
-                            change.first_registered_at,
-                            change.last_registered_at,
-                            change.generation,
-                            _dumps(change.extra),
-                            change.lease_seconds,
-                            change.protocol,
-                        ),
-                    )
+                    db.execute(_INSERT_CELL, cell_row(change))
+                elif isinstance(change, Replacement):
+                    body = replacement_json(change, deprecated_alias=False)
+                    db.execute(_INSERT_EVENT, ("replacement", _dumps(body)))
                 else:
-                    kind = "replacement" if isinstance(change, Replacement) else "conflict"
-                    db.execute(
-                        "INSERT INTO events (kind, body) VALUES (?, ?)",
-                        (kind, _event_body(change)),
-                    )
+                    db.execute(_INSERT_EVENT, ("conflict", _dumps(conflict_json(change))))
             db.execute("COMMIT")
         except (sqlite3.Error, TypeError, ValueError) as exc:
             with contextlib.suppress(sqlite3.Error):

@@ -202,7 +202,8 @@ class CellRecord:
     address: RankAddress
     first_registered_at: float
     last_registered_at: float
-    generation: int
+    address_version: int
+    """1 at the first registration, +1 each time the cell's address changes."""
     extra: dict[str, Any] = field(default_factory=dict)
     lease_seconds: float | None = None
     """None: the cell never expires (plain SGLang ranks). Else it must be renewed this often."""
@@ -212,10 +213,12 @@ class CellRecord:
 
 @dataclass(frozen=True)
 class Replacement:
+    """A cell moved to a new address (its record's ``address_version`` is now this one's)."""
+
     cell: Cell
     old: RankAddress
     new: RankAddress
-    generation: int
+    address_version: int
     at: float
 
 
@@ -335,13 +338,13 @@ class PortTable:
                 previous,
                 address=registration.address,
                 last_registered_at=now,
-                generation=previous.generation + 1,
+                address_version=previous.address_version + 1,
                 extra=extra,
                 lease_seconds=lease,
                 protocol=protocol,
             )
             replacement = Replacement(
-                cell, previous.address, record.address, record.generation, now
+                cell, previous.address, record.address, record.address_version, now
             )
         self._pending_topology = topology
         self._pending_cells[cell] = record

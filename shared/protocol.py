@@ -22,6 +22,7 @@ from pydantic import (
     StrictInt,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 __all__ = [
@@ -270,6 +271,19 @@ class ErrorBody(BaseModel):
     details: list[dict[str, Any]] = Field(default_factory=list)
 
 
+DEPRECATED_GENERATION = (
+    "deprecated: address_version's old name, always the same value; removed in the next release"
+)
+
+
+def address_version_from_generation(cls: type, data: Any) -> Any:
+    """A server older than the ``address_version`` rename sends only ``generation``: read it as
+    the address version, so this client reads either release."""
+    if isinstance(data, dict) and "address_version" not in data and "generation" in data:
+        return {**data, "address_version": data["generation"]}
+    return data
+
+
 class TopologyReport(BaseModel):
     dp_size: int
     attn_cp_size: int
@@ -288,12 +302,17 @@ class CellReport(BaseModel):
     rank_port: int
     first_registered_at: float = Field(description="unix seconds of the cell's first registration")
     last_registered_at: float = Field(description="unix seconds of the latest registration")
-    generation: int = Field(description="1 at first registration, +1 per address change")
+    address_version: int = Field(description="1 at first registration, +1 per address change")
+    generation: int | None = Field(
+        None, description=DEPRECATED_GENERATION, json_schema_extra={"deprecated": True}
+    )
     state: Literal["registered", "expired"] = "registered"
     lease_seconds: float | None = None
     lease_expires_at: float | None = None
     protocol: str = Field("3", description='SGLang protocol generation: "1", "2a", "2b", "3"')
     extra: dict[str, Any] = Field(default_factory=dict, description="fields we do not interpret")
+
+    _older_server = model_validator(mode="before")(address_version_from_generation)
 
     @property
     def cell(self) -> Cell:
@@ -311,8 +330,13 @@ class ReplacementReport(BaseModel):
     cell: Cell
     old: RankAddress
     new: RankAddress
-    generation: int
+    address_version: int = Field(description="the cell's address version after the move")
+    generation: int | None = Field(
+        None, description=DEPRECATED_GENERATION, json_schema_extra={"deprecated": True}
+    )
     at: float
+
+    _older_server = model_validator(mode="before")(address_version_from_generation)
 
 
 class ConflictReport(BaseModel):

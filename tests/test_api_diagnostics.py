@@ -50,7 +50,7 @@ async def test_the_report_lists_missing_cells_and_per_row_completeness(
     assert report["server_info"] is None
 
 
-async def test_the_report_shows_each_cell_with_address_times_and_generation(
+async def test_the_report_shows_each_cell_with_address_times_and_address_version(
     api: httpx.AsyncClient,
 ) -> None:
     await register_cells(api, 0)
@@ -58,7 +58,7 @@ async def test_the_report_shows_each_cell_with_address_times_and_generation(
     report = (await api.get("/prefill_port_table")).json()
     [cell] = report["cells"]
     assert (cell["dp"], cell["cp"], cell["tp"], cell["pp"]) == (0, 0, 0, 0)
-    assert (cell["rank_ip"], cell["rank_port"], cell["generation"]) == ("10.0.0.1", 43000, 2)
+    assert (cell["rank_ip"], cell["rank_port"], cell["address_version"]) == ("10.0.0.1", 43000, 2)
     assert cell["last_registered_at"] >= cell["first_registered_at"] > 0
     [replacement] = report["replacements"]
     assert replacement["old"] == {"rank_ip": "10.0.0.1", "rank_port": 41000}

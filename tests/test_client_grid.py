@@ -30,7 +30,7 @@ def report(
                 "rank_port": int(port),
                 "first_registered_at": 1.0,
                 "last_registered_at": 1.0,
-                "generation": 1,
+                "address_version": 1,
             }
         )
     body: dict[str, Any] = {
@@ -126,21 +126,21 @@ def test_many_missing_cells_are_summarised_with_a_count_of_the_rest() -> None:
     assert "and 24 more" in text
 
 
-def test_replaced_cells_show_their_generation_and_the_latest_replacement() -> None:
+def test_replaced_cells_show_their_address_version_and_the_latest_replacement() -> None:
     base = report(dp=1, tp=1, registered={(0, 0, 0, 0): "10.0.0.1:41009"}).model_dump()
-    base["cells"][0]["generation"] = 2
+    base["cells"][0]["address_version"] = 2
     base["replacements"] = [
         {
             "cell": (0, 0, 0, 0),
             "old": {"rank_ip": "10.0.0.1", "rank_port": 41000},
             "new": {"rank_ip": "10.0.0.1", "rank_port": 41009},
-            "generation": 2,
+            "address_version": 2,
             "at": 2.0,
         }
     ]
     replaced = TableReport.model_validate(base)
     text = render_table(replaced)
-    assert "10.0.0.1:41009 (gen 2)" in text
+    assert "10.0.0.1:41009 (address v2)" in text
     assert (
         "replacements: 1 (latest (dp=0, cp=0, tp=0, pp=0): 10.0.0.1:41000 -> 10.0.0.1:41009)"
         in (text)

@@ -94,4 +94,4 @@ def test_the_table_invariants_hold_for_any_registration_sequence(
         assert expected is not None
         assert table.registered_count + len(table.missing_cells()) == expected
         assert table.is_complete == (not table.missing_cells())
-        assert all(record.generation >= 1 for record in records)
+        assert all(record.address_version >= 1 for record in records)

@@ -106,7 +106,7 @@ def test_a_server_killed_mid_registration_restarts_with_every_cell(cluster: Clus
     assert all(outcome.get("ok") for outcome in outcomes), outcomes
     final = cluster.table()
     assert final["complete"] is True
-    assert all(cell["generation"] == 1 for cell in final["cells"])
+    assert all(cell["address_version"] == 1 for cell in final["cells"])
 
 
 def test_a_worker_whose_link_goes_down_is_named_by_the_leaders_wait(cluster: Cluster) -> None:
@@ -142,7 +142,7 @@ def test_a_restarted_rank_replaces_its_cell_and_the_table_stays_ready(cluster: C
     assert answer is not None and (answer.status, answer.body) == (200, "OK")
     table = cluster.table()
     [cell] = [c for c in table["cells"] if (c["tp"], c["pp"]) == (1, 1)]
-    assert (cell["rank_port"], cell["generation"]) == (51234, 2)
+    assert (cell["rank_port"], cell["address_version"]) == (51234, 2)
     assert table["replacements"][-1]["old"]["rank_port"] == 50003
     assert cluster.get("/ready").status == 200
     lookup = cluster.get(

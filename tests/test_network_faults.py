@@ -126,7 +126,7 @@ def assert_each_cell_registered_once_at_its_own_address(cluster: Cluster) -> dic
             host.address,
             50000 + cell["pp"] * cluster.ranks_per_host + cell["tp"],
         )
-        assert cell["generation"] == 1, cell
+        assert cell["address_version"] == 1, cell
     assert table["replacements"] == []
     assert cluster.metric("prefill_bootstrap_registrations_total", outcome="replaced") == 0
     assert cluster.metric("prefill_bootstrap_registrations_total", outcome="new") == len(

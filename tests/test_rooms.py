@@ -53,24 +53,24 @@ def test_a_million_registrations_stay_within_the_bound() -> None:
     assert len(rooms) <= 10_000
 
 
-def test_a_room_lives_until_its_generation_is_a_ttl_old_and_never_an_eighth_longer() -> None:
-    rooms = RoomTable(ttl_seconds=80, capacity=1000)  # generations span at most 10 s
+def test_a_room_lives_until_its_bucket_is_a_ttl_old_and_never_an_eighth_longer() -> None:
+    rooms = RoomTable(ttl_seconds=80, capacity=1000)  # buckets span at most 10 s
     rooms.register(1, dp_rank=0, now=0.0)
-    rooms.register(2, dp_rank=1, now=9.0)  # same generation as room 1
+    rooms.register(2, dp_rank=1, now=9.0)  # same bucket as room 1
     assert rooms.query([1, 2], now=85.0) == {"1": 0, "2": 1}  # room 1 is 85 s old, < 80 + 10
     assert rooms.query([1, 2], now=89.0) == {}
 
 
-def test_a_room_frozen_into_an_older_generation_is_still_found() -> None:
-    rooms = RoomTable(ttl_seconds=120, capacity=800)  # generations of 100 rooms
+def test_a_room_frozen_into_an_older_bucket_is_still_found() -> None:
+    rooms = RoomTable(ttl_seconds=120, capacity=800)  # buckets of 100 rooms
     for room in range(350):
         rooms.register(room, dp_rank=room % 7, now=1.0)
     assert rooms.query(range(350), now=2.0) == {str(room): room % 7 for room in range(350)}
     assert rooms.query([350, 10**18, 2**63 - 1], now=2.0) == {}
 
 
-def test_a_room_registered_again_answers_its_newest_rank_from_any_generation() -> None:
-    rooms = RoomTable(ttl_seconds=120, capacity=80)  # generations of 10 rooms
+def test_a_room_registered_again_answers_its_newest_rank_from_any_bucket() -> None:
+    rooms = RoomTable(ttl_seconds=120, capacity=80)  # buckets of 10 rooms
     rooms.register(5, dp_rank=1, now=0.0)
     for room in range(100, 125):
         rooms.register(room, dp_rank=0, now=0.0)

@@ -61,7 +61,7 @@ class Held:
 
     address: Address
     lease_seconds: float | None
-    generation: int
+    address_version: int
 
 
 def registration(cell: CellKey, where: Address, lease: float | None, **overrides: Any) -> bytes:
@@ -129,13 +129,13 @@ class ServedEqualsAcknowledged(RuleBasedStateMachine):
     # -- the model -----------------------------------------------------------------------------
 
     def after_registering(self, cell: CellKey, where: Address, lease: float | None) -> Held:
-        """The cell as an acknowledged registration leaves it: generation 1 when new, +1 when
+        """The cell as an acknowledged registration leaves it: address version 1 when new, +1 when
         the address moves, unchanged when it is the same address again."""
         held = self.model.get(cell)
         if held is None:
             return Held(where, lease, 1)
-        generation = held.generation + (held.address != where)
-        return Held(where, lease, generation)
+        version = held.address_version + (held.address != where)
+        return Held(where, lease, version)
 
     # -- rules ---------------------------------------------------------------------------------
 
@@ -261,7 +261,7 @@ class ServedEqualsAcknowledged(RuleBasedStateMachine):
     def held(report: dict[str, Any]) -> dict[CellKey, Held]:
         return {
             (c["dp"], c["cp"], c["tp"], c["pp"]): Held(
-                (c["rank_ip"], c["rank_port"]), c["lease_seconds"], c["generation"]
+                (c["rank_ip"], c["rank_port"]), c["lease_seconds"], c["address_version"]
             )
             for c in report["cells"]
         }

@@ -103,20 +103,20 @@ def test_a_re_registration_with_the_same_address_changes_nothing_but_the_time() 
     table.register(rank(), now=1.0)
     done = table.register(rank(), now=5.0)
     assert done.outcome is Outcome.SAME
-    assert done.record.generation == 1
+    assert done.record.address_version == 1
     assert done.record.first_registered_at == 1.0
     assert done.record.last_registered_at == 5.0
     assert list(table.replacements) == []
 
 
-def test_a_re_registration_with_a_new_address_replaces_it_and_bumps_the_generation() -> None:
+def test_a_re_registration_with_a_new_address_replaces_it_and_bumps_the_address_version() -> None:
     table = PortTable()
     table.register(rank(rank_port=41000), now=1.0)
     done = table.register(rank(rank_port=41002), now=2.0)
     assert done.outcome is Outcome.REPLACED
     assert done.previous == RankAddress(rank_ip="10.0.0.1", rank_port=41000)
     assert table.lookup(Cell(0, 0, 0, 0)).address.rank_port == 41002
-    assert table.lookup(Cell(0, 0, 0, 0)).generation == 2
+    assert table.lookup(Cell(0, 0, 0, 0)).address_version == 2
     [replacement] = table.replacements
     assert (replacement.old.rank_port, replacement.new.rank_port) == (41000, 41002)
 

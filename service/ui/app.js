@@ -77,10 +77,10 @@ function render(report) {
     const cell = cellElements.get(id);
     if (!cell) continue;
     seen.add(id);
-    const recent = c.generation > 1 && now - c.last_registered_at < RECENT_SECONDS;
+    const recent = c.address_version > 1 && now - c.last_registered_at < RECENT_SECONDS;
     const state = c.state === "expired" || recent ? "warn" : "ok";
     cell.className = `cell ${state}`;
-    cell.title = `generation ${c.generation}` + (c.state === "expired" ? ", lease expired" : "") + (recent ? ", replaced recently" : "");
+    cell.title = `address version ${c.address_version}` + (c.state === "expired" ? ", lease expired" : "") + (recent ? ", replaced recently" : "");
     cell.lastChild.textContent = address(c.rank_ip, c.rank_port) + (c.state === "expired" ? " (expired)" : "");
   }
   for (const [id, cell] of cellElements) {
