@@ -109,6 +109,21 @@ def core_busy(before: dict[str, tuple[int, int]]) -> dict[str, float]:
     return busy
 
 
+def _check_source(environment: dict[str, str], cwd: Path, source: Path) -> None:
+    """Prove the server will run ``source``'s code: an editable install of another checkout
+    answers for any module the path does not, silently."""
+    where = subprocess.run(
+        [sys.executable, "-c", "import prefill_bootstrap.service.table as t; print(t.__file__)"],
+        env=environment,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if not Path(where).resolve().is_relative_to(source.resolve()):
+        raise RuntimeError(f"--server-source {source}: the server would run {where} instead")
+
+
 def _health_ok(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
@@ -172,7 +187,11 @@ class Server:
         with self.log_path.open("wb") as log:
             self.started_at = time.perf_counter()
             self.process = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, env=self._environment()
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._environment(),
+                cwd=self._workdir.name,  # not a checkout: `-m` puts the cwd first on the path
             )
         deadline = self.started_at + START_DEADLINE
         while time.perf_counter() < deadline:
@@ -200,7 +219,9 @@ class Server:
         for name in ("client", "service", "shared"):
             if (self.source / name).is_dir():  # shared/ exists from issue 15 on
                 (package / name).symlink_to(self.source / name, target_is_directory=True)
-        return {**os.environ, "PYTHONPATH": str(root)}
+        environment = {**os.environ, "PYTHONPATH": str(root)}
+        _check_source(environment, Path(self._workdir.name), self.source)
+        return environment
 
     def _cli_module(self) -> str:
         """The command's module: ``prefill_bootstrap.cli``, or where checkouts before issue 15
