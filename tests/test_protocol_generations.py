@@ -198,3 +198,20 @@ async def test_a_gen1_registration_fills_cp0_pp0_of_its_dp_group(
     [cell] = report["cells"]
     assert (cell["dp"], cell["cp"], cell["tp"], cell["pp"]) == (1, 0, 1, 0)
     assert report["topology"]["attn_tp_size"] == 2 and report["topology"]["dp_size"] == 2
+
+
+def test_a_real_server_answers_every_golden_exchange_on_its_lean_door(server: Any) -> None:
+    """The third door: requests answered inside uvicorn's parser (hot_protocol.py), over real
+    keep-alive connections, with a reset between the scenarios."""
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        for golden in FILES:
+            assert client.delete("/prefill_port_table").status_code == 200
+            for exchange in json.loads(golden.read_text())["exchanges"]:
+                request = exchange["request"]
+                response = client.request(
+                    request["method"],
+                    request["path"],
+                    params=request.get("query"),
+                    json=request.get("json"),
+                )
+                check(exchange, response)
