@@ -153,3 +153,17 @@ async def test_an_answer_that_fails_unexpectedly_is_the_one_json_500_on_every_do
     assert response.json()["error"] == "internal_error"
     assert "x-sglang-disaggregation-instance-id" in response.headers
     assert f'route="{path}"' in metrics
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "fastapi-only"])
+@pytest.mark.parametrize("path", ["/docs", "/openapi.json"])
+async def test_a_405_of_fastapis_own_pages_names_the_allowed_too(
+    path: str, fast_path: bool
+) -> None:
+    app = create_app(ServerSettings(state_dir=None), MemoryStore(), fast_path=fast_path)
+    async with asgi_client(app) as client:
+        response = await client.request("DELETE", path)
+    app.registry.close()
+    assert response.status_code == 405
+    assert response.json()["error"] == "method_not_allowed"
+    assert "GET" in response.headers["allow"]
