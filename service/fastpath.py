@@ -139,7 +139,7 @@ class FrontDoor(Pipeline):
         if not self.serve_hot_routes:
             return await self._forward(scope, receive, send)
         outcome = self.dispatch(route, scope["query_string"], body)
-        return await self._send(send, await self.settle(outcome, receive))
+        return await self._send(send, await self.settle(outcome, receive, route))
 
     async def _send(self, send: Send, reply: Reply) -> int:
         await send(

@@ -225,9 +225,9 @@ class _HotPathProtocol(UvicornHttpProtocol):
         route, query, started = self._hot
         self._hot = None
         front = self.front
-        reply = front.gate(
-            route, route.method, route.path, self.headers, self.client, self._hot_size
-        )
+        # A GET's body is no input of its route: the ASGI doors neither read nor cap it.
+        size = None if route.method == "GET" else self._hot_size
+        reply = front.gate(route, route.method, route.path, self.headers, self.client, size)
         if reply is None:
             outcome = front.dispatch(route, query, b"".join(self._hot_body))
             if type(outcome) is LongPoll:

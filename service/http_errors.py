@@ -33,7 +33,11 @@ async def _on_domain_error(_: Request, exc: BootstrapError) -> Response:
 
 async def _on_http_error(_: Request, exc: StarletteHTTPException) -> Response:
     kind = _KINDS.get(exc.status_code, "http_error")
-    return reply_response(error_reply(exc.status_code, kind, str(exc.detail)))
+    headers = tuple(
+        (name.lower().encode("latin-1"), value.encode("latin-1"))
+        for name, value in (exc.headers or {}).items()
+    )  # a 405's ``allow``, as the door's own 405s carry it
+    return reply_response(error_reply(exc.status_code, kind, str(exc.detail), headers=headers))
 
 
 def install_error_handlers(app: FastAPI) -> None:

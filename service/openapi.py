@@ -70,7 +70,7 @@ def _openapi_extra(route: Route) -> dict[str, Any]:
 def _endpoint(front: Pipeline, route: Route) -> Any:
     async def endpoint(request: Request) -> Response:
         outcome = front.dispatch(route, request.scope["query_string"], await request.body())
-        return reply_response(await front.settle(outcome, request.receive))
+        return reply_response(await front.settle(outcome, request.receive, route))
 
     endpoint.__name__ = f"{route.method.lower()}_{route.path.strip('/') or 'root'}"
     return endpoint

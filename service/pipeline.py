@@ -137,6 +137,8 @@ class Pipeline:
             return route.answer(self.registry, query, body)
         except BootstrapError as exc:
             return reply_for(exc)
+        except Exception as exc:  # a bug: answered as every door answers one, not escaped
+            return self.failed(route.method, route.path, exc)
 
     def after_wait(self, poll: LongPoll) -> Reply:
         """A long poll's answer once the table completed or its wait ran out."""
@@ -145,9 +147,10 @@ class Pipeline:
     def park(self, poll: LongPoll, on_wake: OnWake) -> Parked:
         return self.registry.waits.park_until_complete(poll.seconds, on_wake)
 
-    async def settle(self, outcome: Outcome, receive: Receive) -> Reply:
+    async def settle(self, outcome: Outcome, receive: Receive, route: Route) -> Reply:
         """The ASGI doors' end of ``dispatch``: wait out a long poll (unparked if the client
-        leaves), or await an answer."""
+        leaves), or await an answer. What the answer raises is answered as the lean door answers
+        it (``failed``), never left to the ASGI server's plain-text 500."""
         if type(outcome) is Reply:
             return outcome
         if type(outcome) is LongPoll:
@@ -155,8 +158,8 @@ class Pipeline:
             return self.after_wait(outcome)
         try:
             return await outcome  # type: ignore[misc]
-        except BootstrapError as exc:
-            return reply_for(exc)
+        except Exception as exc:
+            return self.failed(route.method, route.path, exc)
 
     def failed(self, method: str, path: str, failure: BaseException) -> Reply:
         """An awaited answer that raised: a domain error by its status, anything else a 500."""

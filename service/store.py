@@ -215,14 +215,16 @@ class SqliteStore(StateStore):
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            # The schema is known (and upgraded) before anything is written: a newer release's
+            # state is refused as it is, and older tables are never taken for current ones.
+            migrated_from = migrate(self._db)
+            self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
             self._db.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?), ('instance_id', ?)",
                 (SCHEMA_VERSION, new_instance_id()),
             )
-            migrated_from = migrate(self._db)
             self._opened = True
         except NewerSchema as exc:
             self.close()

@@ -49,8 +49,11 @@ def _v1_event(kind: str, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _from_v1(db: sqlite3.Connection) -> None:
-    """Schema 1 (releases up to ab9e5e6) -> 2: the cell counter is ``address_version``."""
+    """Schema 1 (releases up to ab9e5e6) -> 2: the cell counter is ``address_version``.
+    (A table schema 1 was killed before creating is created by the current schema after.)"""
     db.execute("ALTER TABLE cells RENAME COLUMN generation TO address_version")
+    if "events" not in _tables(db):
+        return
     rows = db.execute("SELECT id, kind, body FROM events").fetchall()
     for event_id, kind, body in rows:
         upgraded = orjson.dumps(_v1_event(kind, orjson.loads(body))).decode()
@@ -63,8 +66,9 @@ _STEPS: dict[str, tuple[str, Callable[[sqlite3.Connection], None]]] = {"1": ("2"
 
 def migrate(db: sqlite3.Connection) -> str | None:
     """Upgrade the database to ``SCHEMA_VERSION`` in one transaction; answer the version it had
-    when it was older (None when already current). Raises ``NewerSchema``, or the step's error
-    after rolling everything back."""
+    when it was older (None when already current or new). Raises ``NewerSchema``, or the step's
+    error after rolling everything back. Run before anything else writes to the file: state of
+    a newer release is refused untouched."""
     db.execute("BEGIN IMMEDIATE")
     try:
         found = _version(db)
@@ -75,7 +79,7 @@ def migrate(db: sqlite3.Connection) -> str | None:
             version, step = _STEPS[version]
             step(db)
         if found != SCHEMA_VERSION:
-            db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (version,))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (version,))
         db.execute("COMMIT")
     except BaseException:
         with contextlib.suppress(sqlite3.Error):
@@ -84,6 +88,22 @@ def migrate(db: sqlite3.Connection) -> str | None:
     return None if found == SCHEMA_VERSION else found
 
 
+def _tables(db: sqlite3.Connection) -> set[str]:
+    return {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
 def _version(db: sqlite3.Connection) -> str:
-    row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    return SCHEMA_VERSION if row is None else str(row[0])
+    """The recorded version; else what the tables say. Schema 1 created its tables, then
+    recorded its version in a second statement: a ``kill -9`` between the two left schema-1
+    tables without a version, which must not be taken for the current schema. No tables at all
+    is a new database."""
+    tables = _tables(db)
+    if "meta" in tables:
+        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is not None:
+            return str(row[0])
+    if "cells" in tables:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(cells)")}
+        if "generation" in columns:
+            return "1"
+    return SCHEMA_VERSION

@@ -125,12 +125,17 @@ class Gen2Registration(BaseModel):
     )(rank_inside_its_size)
 
     def to_current(self) -> RankRegistration:
+        # Merged, not passed as keywords beside the dump: an unknown field of the older body
+        # that the current shape declares (``kv_cache_dtype``, ``attn_cp_rank``) would be given
+        # twice (a TypeError, answered 500). Gen 2 has no such fields: the mapping's own win.
         return RankRegistration(
-            **self.model_dump(exclude={"role", "page_size"}, exclude_unset=False),
-            attn_cp_size=1,
-            attn_cp_rank=0,
-            page_size=self.page_size,
-            kv_cache_dtype=None,
+            **{
+                **self.model_dump(exclude={"role", "page_size"}, exclude_unset=False),
+                "attn_cp_size": 1,
+                "attn_cp_rank": 0,
+                "page_size": self.page_size,
+                "kv_cache_dtype": None,
+            }
         )
 
 

@@ -84,6 +84,25 @@ def test_a_room_body_over_the_cap_is_413(server_factory: Callable[..., ServerPro
     assert response.json()["error"] == "body_too_large"
 
 
+def test_a_body_sent_with_a_get_is_ignored_alike_by_both_doors(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    """A GET's body is no input of its route, so its size is none of the body cap's business:
+    the lean door (keep-alive) must not refuse what the ASGI door (``Connection: close``) and
+    FastAPI answer."""
+    server = server_factory("--max-body-bytes", "1024", durable=False)
+    body = b"x" * 2048
+    heads = []
+    for connection in (b"keep-alive", b"close"):
+        answer = exchange(
+            server,
+            b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: %s\r\ncontent-length: %d\r\n\r\n%s"
+            % (connection, len(body), body),
+        )
+        heads.append(answer.split(b"\r\n", 1)[0])
+    assert heads == [b"HTTP/1.1 200 OK"] * 2
+
+
 def test_a_room_registration_needs_the_token_on_the_hot_path_too(
     server_factory: Callable[..., ServerProcess],
 ) -> None:

@@ -174,6 +174,18 @@ async def test_bad_older_registrations_are_422_naming_the_problem(
         assert (await client.get("/prefill_port_table")).json()["registered_cells"] == 0
 
 
+@pytest.mark.parametrize("field", [{"kv_cache_dtype": "fp8"}, {"attn_cp_rank": 0}])
+async def test_an_older_registration_carrying_a_current_field_is_mapped_not_a_500(
+    api: httpx.AsyncClient, field: dict[str, Any]
+) -> None:
+    """Gen 2 never sent these, but its unknown fields are kept: one the current shape declares
+    is the mapping's to set (cp 0, no dtype), not a second value for it."""
+    response = await api.put("/route", json=gen2(0, 0, **field))
+    assert response.status_code == 200, response.text
+    [cell] = (await api.get("/prefill_port_table")).json()["cells"]
+    assert (cell["cp"], cell["protocol"]) == (0, "2a")
+
+
 async def test_a_pinned_server_refuses_other_generations_clearly(
     app_factory: Callable[..., Any],
 ) -> None:

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from prefill_bootstrap.service import ServerSettings, create_app
-from prefill_bootstrap.service.routes import ALLOWED, TABLE, Route
+from prefill_bootstrap.service.routes import ALLOWED, ROUTES, TABLE, Route
 from prefill_bootstrap.service.store import MemoryStore
 from tests.conftest import asgi_client, sglang_registration
 
@@ -126,3 +126,44 @@ async def test_an_undeclared_method_on_a_known_path_is_405_naming_the_allowed(
     assert response.json()["error"] == "method_not_allowed"
     assert set(response.headers["allow"].split(", ")) == set(ALLOWED[path])
     assert path in response.json()["message"]
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "fastapi-only"])
+@pytest.mark.parametrize(
+    ("method", "path", "part"),
+    [("POST", "/heartbeat", "renew"), ("PUT", "/route", "register")],
+    ids=["answered-at-once", "awaited"],
+)
+async def test_an_answer_that_fails_unexpectedly_is_the_one_json_500_on_every_door(
+    fast_path: bool, method: str, path: str, part: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug behind a route is answered as the lean door answers it (logged, JSON, counted,
+    stamped with the instance), not as whatever the ASGI server makes of an escaped error."""
+    app = create_app(ServerSettings(state_dir=None), MemoryStore(), fast_path=fast_path)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app.registry.group, part, broken)
+    async with asgi_client(app) as client:
+        response = await _ask(client, ROUTES[method, path])
+        metrics = (await client.get("/metrics")).text
+    app.registry.close()
+    assert response.status_code == 500
+    assert response.json()["error"] == "internal_error"
+    assert "x-sglang-disaggregation-instance-id" in response.headers
+    assert f'route="{path}"' in metrics
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "fastapi-only"])
+@pytest.mark.parametrize("path", ["/docs", "/openapi.json"])
+async def test_a_405_of_fastapis_own_pages_names_the_allowed_too(
+    path: str, fast_path: bool
+) -> None:
+    app = create_app(ServerSettings(state_dir=None), MemoryStore(), fast_path=fast_path)
+    async with asgi_client(app) as client:
+        response = await client.request("DELETE", path)
+    app.registry.close()
+    assert response.status_code == 405
+    assert response.json()["error"] == "method_not_allowed"
+    assert "GET" in response.headers["allow"]

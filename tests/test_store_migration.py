@@ -28,7 +28,7 @@ from prefill_bootstrap.service.report import table_report
 from prefill_bootstrap.service.settings import ServerSettings
 from prefill_bootstrap.service.store import DATABASE_NAME, SqliteStore
 from prefill_bootstrap.shared.errors import StateStoreError
-from prefill_bootstrap.shared.protocol import TableReport
+from prefill_bootstrap.shared.protocol import RankRegistration, TableReport
 from tests.acknowledged import CellKey, History, Served, Write, violations
 from tests.conftest import ServerProcess, free_port, sglang_registration
 from tests.test_kill_storms import exchange
@@ -151,6 +151,49 @@ def test_state_written_by_a_newer_release_is_refused_not_misread(old_state: Path
     db.close()
     with pytest.raises(StateStoreError, match="schema version 3, written by a newer"):
         SqliteStore(old_state)
+
+
+def tables_of(state: Path) -> set[str]:
+    db = sqlite3.connect(state / DATABASE_NAME)
+    try:
+        return {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    finally:
+        db.close()
+
+
+def test_schema_1_killed_before_it_recorded_its_version_is_upgraded_not_taken_for_current(
+    old_state: Path,
+) -> None:
+    """The older release created its tables, then recorded its version in a second statement:
+    a ``kill -9`` between the two left schema-1 tables and no version. Taken for the current
+    schema, every registration would fail (no ``address_version`` column) while the server
+    looked healthy."""
+    db = sqlite3.connect(old_state / DATABASE_NAME)
+    with db:
+        for table in ("meta", "cells", "events"):
+            db.execute(f"DELETE FROM {table}")
+    db.close()
+    store = SqliteStore(old_state)
+    try:
+        registry = Registry.open(ServerSettings(state_dir=old_state), store)
+        asyncio.run(registry.group.register(RankRegistration(**sglang_registration())))
+        registry.close()
+    finally:
+        store.close()
+    version, columns, _ = schema_of(old_state)
+    assert version == "2" and "address_version" in columns and "generation" not in columns
+
+
+def test_newer_state_is_refused_before_anything_is_written_into_it(old_state: Path) -> None:
+    SqliteStore(old_state).close()
+    db = sqlite3.connect(old_state / DATABASE_NAME)
+    with db:
+        db.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+        db.execute("DROP TABLE events")  # say the newer release keeps its history elsewhere
+    db.close()
+    with pytest.raises(StateStoreError, match="schema version 3"):
+        SqliteStore(old_state)
+    assert tables_of(old_state) == {"meta", "cells", "sqlite_sequence"}
 
 
 # -- kill -9 after the upgrade -----------------------------------------------------------------
