@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Hashable
 
+from prefill_bootstrap.service.event_log import EventLog
 from prefill_bootstrap.service.memory import release_free_memory
 from prefill_bootstrap.service.metrics import Metrics
 from prefill_bootstrap.service.store import (
@@ -62,8 +63,10 @@ class PortGroup:
         max_cells: int,
         lease_sweep_seconds: float,
         reset: bool = False,
+        events: EventLog | None = None,
     ) -> None:
         self.store = store
+        self.events = events if events is not None else EventLog()
         self.metrics = metrics
         self.clock = clock
         self.lease_sweep_seconds = lease_sweep_seconds

@@ -22,6 +22,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from prefill_bootstrap import __version__
+from prefill_bootstrap.shared.events import EVENT_KINDS, TableEvent
 
 if TYPE_CHECKING:
     from prefill_bootstrap.service.registry import Registry
@@ -50,9 +51,15 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registrations: Counter[str] = Counter()
+        self.events: Counter[str] = Counter()
+        """Table events published, by kind (the registry's event log subscription bumps it)."""
         self.not_ready_responses = 0
         self.unauthorized = 0
         self.latency: dict[tuple[str, str], LatencyHistogram] = {}
+
+    def count_event(self, event: TableEvent) -> None:
+        """An event-log subscriber: events by kind, for the ``events`` counter family."""
+        self.events[event.kind] += 1
 
     def observe(self, route: str, method: str, seconds: float) -> None:
         key = (route, method)
@@ -98,6 +105,12 @@ class _RegistryCollector(Collector):
         for outcome in REGISTRATION_OUTCOMES:
             outcomes.add_metric([outcome], metrics.registrations[outcome])
         yield outcomes
+        events = CounterMetricFamily(
+            f"{p}events", "Table events published to watchers, by kind.", labels=["kind"]
+        )
+        for kind in EVENT_KINDS:
+            events.add_metric([kind], metrics.events[kind])
+        yield events
         counters = (
             ("not_ready_responses", "503 answers served while the table was incomplete.",
              metrics.not_ready_responses),

@@ -1,6 +1,7 @@
 """The server's parts, built and wired together once; nothing here decides anything.
 
-``PortGroup`` (group.py) changes the table, durable first; ``CompletionWaits`` holds the long
+``PortGroup`` (group.py) changes the table, durable first, and tells ``EventLog`` (event_log.py)
+what changed; ``CompletionWaits`` holds the long
 polls; ``AnswerCache`` the serialised answers; ``RoomTable`` the bootstrap rooms; ``Metrics`` the
 counters every part is given rather than owns. The routes' answer functions read what they need
 from here.
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 from prefill_bootstrap.service.answer_cache import AnswerCache
 from prefill_bootstrap.service.completion_waits import CompletionWaits
+from prefill_bootstrap.service.event_log import EventLog
 from prefill_bootstrap.service.group import PortGroup
 from prefill_bootstrap.service.metrics import Metrics
 from prefill_bootstrap.service.rooms import RoomTable
@@ -29,6 +31,7 @@ class Registry:
     clock: Callable[[], float]
     metrics: Metrics
     group: PortGroup
+    events: EventLog
     waits: CompletionWaits
     rooms: RoomTable
     cache: AnswerCache
@@ -39,6 +42,8 @@ class Registry:
     ) -> Registry:
         """Load the stored group (``settings.reset``: start a new one) and wire the parts."""
         metrics = Metrics()
+        events = EventLog(settings.event_history, clock=clock)
+        events.subscribe(metrics.count_event)
         group = PortGroup(
             store,
             metrics,
@@ -46,6 +51,7 @@ class Registry:
             max_cells=settings.max_cells,
             lease_sweep_seconds=settings.lease_sweep_seconds,
             reset=settings.reset,
+            events=events,
         )
         rooms = RoomTable(settings.room_ttl_seconds, settings.room_capacity)
         group.on_reset(rooms.clear)  # rooms name dp ranks of the group that is gone
@@ -54,6 +60,7 @@ class Registry:
             clock=clock,
             metrics=metrics,
             group=group,
+            events=events,
             waits=CompletionWaits(group, settings.max_wait_seconds),
             rooms=rooms,
             cache=AnswerCache(lambda: group.version),
