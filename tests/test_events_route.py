@@ -8,18 +8,23 @@ the registry's event log exactly as the table's changes publish them.
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
 from prefill_bootstrap.service import ServerSettings, create_app
+from prefill_bootstrap.service.server import prepare
 from prefill_bootstrap.service.store import MemoryStore
 from prefill_bootstrap.service.watchers import KEEPALIVE, RETRY
 from prefill_bootstrap.shared.events import EventPage, TableEvent
 from prefill_bootstrap.shared.protocol import RankAddress
-from tests.conftest import asgi_client
+from tests.conftest import asgi_client, sglang_registration, wait_for_health
 
 pytestmark = pytest.mark.anyio
 
@@ -332,3 +337,111 @@ async def test_the_fastapi_only_app_streams_the_same_bytes() -> None:
         bodies.append(call.body.replace(stream, b"S").replace(instance, b"I").split(b'"at":')[0])
         app.registry.close()
     assert bodies[0] == bodies[1]
+
+
+# -- over real sockets ---------------------------------------------------------------------------
+
+SSE_REQUEST = (
+    b"GET /prefill_port_table/events HTTP/1.1\r\nhost: x\r\naccept: text/event-stream\r\n\r\n"
+)
+
+
+def _open_stream(port: int, rcvbuf: int | None = None) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:  # before connecting, so the window stays small
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(SSE_REQUEST)
+    return sock
+
+
+def _read_until(sock: socket.socket, needle: bytes, seen: bytearray) -> None:
+    deadline = time.monotonic() + 10
+    while needle not in seen:
+        assert time.monotonic() < deadline, seen[-200:]
+        chunk = sock.recv(1 << 16)
+        assert chunk, "the stream closed"
+        seen += chunk
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_ends_three_open_streams_and_exits_within_two_seconds(server: Any) -> None:
+    streams = [_open_stream(server.port) for _ in range(3)]
+    for sock in streams:
+        _read_until(sock, b"retry: 2000\n\n", bytearray())
+    started = time.monotonic()
+    assert server.terminate(timeout=10) == 0
+    assert time.monotonic() - started < 2.0
+    for sock in streams:  # each ended with the last chunk, then closed
+        seen = bytearray()
+        while chunk := sock.recv(1 << 16):
+            seen += chunk
+        assert seen.endswith(b"0\r\n\r\n")
+        sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_stalled_reader_is_dropped_while_others_get_every_event_and_registrations_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = ServerSettings(state_dir=None, port=0, watcher_buffer_bytes=65536)
+    server, listening = prepare(settings, MemoryStore())
+    port = listening.getsockname()[1]
+    box: dict[str, Any] = {}
+
+    async def serve() -> None:
+        box["loop"] = asyncio.get_running_loop()
+        await server.serve(sockets=[listening])
+
+    running = threading.Thread(target=asyncio.run, args=(serve(),))
+    running.start()
+    app = server.config.app
+    try:
+        wait_for_health(f"http://127.0.0.1:{port}", time.monotonic() + 10)
+        stalled = _open_stream(port, rcvbuf=4096)
+        reader = _open_stream(port)
+        seen = bytearray()
+        _read_until(reader, b"retry: 2000\n\n", seen)
+        _read_until(stalled, b"retry: 2000\n\n", bytearray())  # then never read again
+        detail = "x" * 2000
+        group = app.registry.group
+
+        def burst(first: int) -> None:
+            for n in range(first, first + 10):
+                app.registry.events.publish(
+                    "conflict",
+                    instance_id=group.instance_id,
+                    incarnation="i",
+                    detail=f"{n}{detail}",
+                )
+
+        slowest, published = 0.0, 0
+        stream = app.registry.events.stream.encode()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            while app.registry.metrics.watchers_dropped == 0:  # kernel buffers fill first
+                assert published < 20_000, "the stalled reader was never dropped"
+                box["loop"].call_soon_threadsafe(burst, published)
+                published += 10
+                if published % 400 == 0:
+                    began = time.monotonic()
+                    body = sglang_registration(attn_tp_size=4, attn_tp_rank=published // 400 % 4)
+                    assert client.put("/route", json=body).status_code == 200
+                    slowest = max(slowest, time.monotonic() - began)
+                _read_until(reader, b"id: %s:%d\n" % (stream, published), seen)
+            metrics = client.get("/metrics").text
+        assert seen.count(b"\nevent: conflict\n") == published  # every event, in order
+        assert app.registry.metrics.watchers_dropped == 1
+        assert "prefill_bootstrap_watchers 1.0" in metrics
+        assert slowest < 1.0
+        assert "fell" in caplog.text and "behind" in caplog.text
+        with pytest.raises(ConnectionResetError):  # aborted: not left open holding buffers
+            while stalled.recv(1 << 20):
+                pass
+            raise ConnectionResetError  # or closed cleanly after what was buffered
+        stalled.close()
+        reader.close()
+    finally:
+        server.should_exit = True
+        running.join(timeout=20)
+    assert not running.is_alive()
