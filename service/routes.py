@@ -84,7 +84,8 @@ class Route:
     long_poll: bool = False
     """Takes ``?wait=`` (and ``?instance=``): parked until the table completes, then answered."""
     stream: StreamAnswer | None = None
-    """Answers ``Accept: text/event-stream`` requests with an event stream (others: ``answer``)."""
+    """Answers ``Accept: text/event-stream`` requests with an event stream (others: ``answer``).
+    Never hot: only the ASGI doors can run a stream."""
     body: type[BaseModel] | Mapping[str, Any] | None = None
     """The request body's model (or JSON schema), for the docs; the answer validates it."""
     query: tuple[QueryParam, ...] = ()
