@@ -46,6 +46,12 @@ def test_every_route_that_is_not_a_read_by_method_needs_the_token(route: Route) 
         assert route.access == "write"
 
 
+def test_a_route_that_streams_is_never_hot() -> None:
+    """The lean door writes one answer from the parser's callbacks; a stream needs the ASGI
+    doors, which run it as a loop of ``more_body`` sends."""
+    assert [route.path for route in TABLE if route.stream is not None and route.hot] == []
+
+
 def test_each_method_and_path_is_declared_once() -> None:
     keys = [(route.method, route.path) for route in TABLE]
     assert len(keys) == len(set(keys))
