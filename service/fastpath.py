@@ -141,7 +141,7 @@ class FrontDoor(Pipeline):
             return await self._forward(scope, receive, send)
         outcome = self.dispatch(route, scope["query_string"], body, scope["headers"])
         if type(outcome) is EventStream:
-            instance = (INSTANCE_HEADER, self.registry.group.instance_id.encode())
+            instance = (INSTANCE_HEADER, self.registry.group.incarnation.encode())
             return await outcome.run(scope, send, receive, (instance,))
         return await self._send(send, await self.settle(outcome, receive, route))
 

@@ -111,7 +111,7 @@ def _page(registry: Registry, position: EventPosition) -> EventPage:
         stream=registry.events.stream,
         seq=found[-1].seq if found else registry.events.latest,
         instance_id=group.instance_id,
-        incarnation=getattr(group, "incarnation", group.instance_id),  # i14-emit adds it
+        incarnation=group.incarnation,
         events=found,
     )
 

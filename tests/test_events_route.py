@@ -216,13 +216,43 @@ async def test_a_stream_starts_with_retry_and_carries_each_event_framed(app_fact
     assert headers[b"content-type"] == b"text/event-stream"
     assert headers[b"cache-control"] == b"no-cache"
     assert headers[b"x-accel-buffering"] == b"no"
-    assert b"x-sglang-disaggregation-instance-id" in headers
+    assert (
+        headers[b"x-sglang-disaggregation-instance-id"] == app.registry.group.instance_id.encode()
+    )
     assert call.body == RETRY + b"id: %s:1\nevent: registered\ndata: %s\n\n" % (
         stream.encode(),
         event.model_dump_json().encode(),
     )
     await call.leave()
     assert len(app.registry.watchers) == 0
+
+
+async def test_after_a_move_the_stream_and_the_page_carry_the_new_incarnation(
+    app_factory: Any,
+) -> None:
+    """The header and the page say the incarnation, not the stable group id: a decode that
+    cached addresses under the old one knows they may be stale."""
+    app = app_factory()
+    async with asgi_client(app) as client:
+        await client.put("/route", json=sglang_registration(attn_tp_size=1, rank_port=41000))
+        call = SseCall(app)
+        await call.until(lambda c: c.body.startswith(RETRY))
+        await client.put("/route", json=sglang_registration(attn_tp_size=1, rank_port=41107))
+        await call.until(lambda c: any(e.kind == "moved" for e in c.events()))
+        page = EventPage.model_validate_json((await client.get(PATH, params={"since": 0})).content)
+    group = app.registry.group
+    assert group.incarnation == f"{group.instance_id}.1"
+    moved = next(e for e in call.events() if e.kind == "moved")
+    assert moved.incarnation == page.incarnation == group.incarnation
+    assert moved.previous == RankAddress(rank_ip="10.0.0.1", rank_port=41000)
+    await call.leave()
+    call = SseCall(app)
+    await call.until(lambda c: c.start is not None)
+    assert call.start is not None
+    assert dict(call.start["headers"])[b"x-sglang-disaggregation-instance-id"] == (
+        group.incarnation.encode()
+    )
+    await call.leave()
 
 
 async def test_last_event_id_resumes_without_a_gap_or_a_duplicate_and_wins_over_since(
