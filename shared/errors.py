@@ -18,6 +18,7 @@ __all__ = [
     "ConfigurationError",
     "DistributedNotInitialized",
     "GroupReset",
+    "HistoryGoneError",
     "LeaseNotHeld",
     "PortInUse",
     "PortSyncFailed",
@@ -193,6 +194,30 @@ class LeaseNotHeld(BootstrapError):
             f"{offered.rank_ip}:{offered.rank_port}; this rank was replaced — stop its heartbeat "
             "or register again"
         )
+
+
+class HistoryGoneError(BootstrapError):
+    """A watcher asked to resume the change feed from a position the server cannot honour: older
+    than the events it still holds, ahead of the latest, or of another stream (the server
+    restarted). Replaying a partial history would hide changes, so the watcher is told to
+    resynchronise from the table instead."""
+
+    status = 410
+    kind = "history_gone"  # shared.events.HISTORY_GONE: the wire's one spelling of it
+
+    def __init__(self, position: str, stream: str, oldest: int, latest: int) -> None:
+        self.position = position
+        self.stream = stream
+        self.oldest = oldest
+        self.latest = latest
+        super().__init__(
+            f"event position {position!r} cannot be resumed: this server resumes only from "
+            f"{stream}:{oldest - 1} to {stream}:{latest} (older events are gone, or the server "
+            "restarted); re-read GET /prefill_port_table and watch from its stream and seq"
+        )
+
+    def details(self) -> list[dict[str, Any]]:
+        return [{"stream": self.stream, "oldest": self.oldest, "latest": self.latest}]
 
 
 class GroupReset(BootstrapError):
