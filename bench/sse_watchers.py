@@ -217,7 +217,7 @@ async def _run(port: int, count: int, out: str) -> None:
     deadline = time.monotonic() + UNTIL_DEADLINE
     live = [w for w in watchers if w.opened]
     while time.monotonic() < deadline:
-        if all(w.problem or (w.seqs and w.seqs[-1] >= until) for w in live):
+        if all(w.problem or (w.seqs[-1] if w.seqs else 0) >= until for w in live):
             break
         await asyncio.sleep(0.005)
     usage = resource.getrusage(resource.RUSAGE_SELF)
