@@ -154,7 +154,7 @@ class FrontDoor(Pipeline):
                     (b"content-type", reply.content_type),
                     (b"content-length", b"%d" % len(reply.body)),
                     *reply.headers,
-                    (INSTANCE_HEADER, self.registry.group.instance_id.encode()),
+                    (INSTANCE_HEADER, self.registry.group.incarnation.encode()),
                 ],
             }
         )
@@ -170,7 +170,7 @@ class FrontDoor(Pipeline):
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = list(message.get("headers", []))
-                headers.append((INSTANCE_HEADER, registry.group.instance_id.encode()))
+                headers.append((INSTANCE_HEADER, registry.group.incarnation.encode()))
                 message = {**message, "headers": headers}
             await send(message)
 

@@ -302,7 +302,7 @@ class _HotPathProtocol(UvicornHttpProtocol):
         ]  # fmt: skip
         for name, value in reply.headers:
             parts += [name, b": ", value, b"\r\n"]
-        instance = self.front.registry.group.instance_id.encode()
+        instance = self.front.registry.group.incarnation.encode()
         parts += [INSTANCE_HEADER, b": ", instance, b"\r\n\r\n"]
         if len(reply.body) <= _JOIN_BODY_BYTES:
             self.transport.write(b"".join([*parts, reply.body]))

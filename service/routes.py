@@ -27,6 +27,8 @@ from prefill_bootstrap.service.wait_param import WAIT_SECONDS, WaitSeconds, long
 from prefill_bootstrap.shared.events import EventPage
 from prefill_bootstrap.shared.generations import Gen1Registration, Gen2Registration
 from prefill_bootstrap.shared.protocol import (
+    Deregistered,
+    Deregistration,
     DpRankQuery,
     DpRankRegistration,
     ErrorBody,
@@ -286,6 +288,20 @@ TABLE: tuple[Route, ...] = (
             200: {"description": '{"lease_expires_at": <unix seconds>}'},
             404: _error("cell_not_found: the cell is not registered: register"),
             409: _error("lease_not_held: another address holds the cell now"),
+        },
+    ),
+    Route(
+        method="POST",
+        path="/deregister",
+        access="write",
+        answer=additions.deregister,
+        summary="A rank takes its own cell out of the group (a clean shutdown); durable first.",
+        body=Deregistration,
+        responses={
+            200: {"model": Deregistered, "description": "the cell is gone; /ready answers 503"},
+            404: _error("cell_not_found: the cell is not registered (already gone)"),
+            409: _error("address_mismatch: another address holds the cell now"),
+            503: _error("state_not_durable: could not be made durable; retry"),
         },
     ),
     Route(

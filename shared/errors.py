@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 __all__ = [
+    "AddressMismatch",
     "BootstrapError",
     "CellNotFound",
     "ConfigurationError",
@@ -20,6 +21,7 @@ __all__ = [
     "GroupReset",
     "HistoryGoneError",
     "LeaseNotHeld",
+    "NothingToDeregister",
     "PortInUse",
     "PortSyncFailed",
     "PortTableUnavailable",
@@ -218,6 +220,37 @@ class HistoryGoneError(BootstrapError):
 
     def details(self) -> list[dict[str, Any]]:
         return [{"stream": self.stream, "oldest": self.oldest, "latest": self.latest}]
+
+
+class NothingToDeregister(CellNotFound):
+    """A deregistration of a cell nobody holds: the rank that asks treats it as already gone
+    (a retried deregistration whose first answer was lost reads the same)."""
+
+    hint = "; it is already gone, nothing to deregister"
+
+
+class AddressMismatch(BootstrapError):
+    """A deregistration from an address that does not hold the cell: another rank took it over
+    since, and removing it would take a live rank out of the group."""
+
+    status = 409
+    kind = "address_mismatch"
+    hint = "; only the rank registered at that address can deregister the cell"
+
+    def __init__(self, cell: Cell, registered: Any, offered: Any) -> None:
+        self.cell = cell
+        self.registered = registered
+        self.offered = offered
+        super().__init__(
+            f"cell {format_cell(cell)} is registered at {registered.rank_ip}:"
+            f"{registered.rank_port}, not at {offered.rank_ip}:{offered.rank_port}"
+        )
+
+    def details(self) -> list[dict[str, Any]]:
+        def address(value: Any) -> dict[str, Any]:
+            return {"rank_ip": value.rank_ip, "rank_port": value.rank_port}
+
+        return [{"registered": address(self.registered), "offered": address(self.offered)}]
 
 
 class GroupReset(BootstrapError):

@@ -28,6 +28,8 @@ BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/query_dp_ranks"): {"bootstrap_rooms": [7]},
     ("POST", "/heartbeat"): {"dp": 0, "cp": 0, "tp": 0, "pp": 0, "rank_ip": "10.0.0.1",
                              "rank_port": 41000},
+    ("POST", "/deregister"): {"dp": 0, "cp": 0, "tp": 0, "pp": 0, "rank_ip": "10.0.0.1",
+                              "rank_port": 41000},
 }  # fmt: skip
 ids = [f"{route.method} {route.path}" for route in TABLE]
 
@@ -72,7 +74,7 @@ async def _ask(client: httpx.AsyncClient, route: Route) -> httpx.Response:
 
 @pytest.mark.parametrize("route", TABLE, ids=ids)
 async def test_each_door_answers_each_declared_route_alike(route: Route) -> None:
-    """The lean door and FastAPI's routes answer the same bytes (the instance id and the event
+    """The lean door and FastAPI's routes answer the same bytes (the instance id and the feed's
     stream aside, new per server; and the metrics, which time the requests)."""
     answers = []
     for fast_path in (True, False):
@@ -85,7 +87,7 @@ async def test_each_door_answers_each_declared_route_alike(route: Route) -> None
         app.registry.close()
         assert response.status_code < 500, response.text
         instance = response.headers["x-sglang-disaggregation-instance-id"].encode()
-        stream = app.registry.events.stream.encode()
+        stream = app.registry.events.stream.encode()  # the change feed's run id, new per server
         body = response.content.replace(instance, b"<instance>").replace(stream, b"<stream>")
         answers.append(
             (
