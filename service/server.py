@@ -103,13 +103,15 @@ def prepare(
     shown = f"[{host}]" if ":" in host else host
     registry = app.registry
     log.info(
-        "prefill-bootstrap listening on %s://%s:%d (state: %s%s, instance %s, %d/%s cells%s).",
+        "prefill-bootstrap listening on %s://%s:%d (state: %s%s, instance %s, incarnation %s, "
+        "%d/%s cells%s).",
         settings.scheme,
         shown,
         port,
         registry.group.store.kind,
         f" in {settings.state_dir}" if settings.state_dir else "",
         registry.group.instance_id,
+        registry.group.incarnation,
         registry.group.table.registered_count,
         registry.group.table.expected_count,
         ", writes need the bearer token" if settings.auth_token else "",
