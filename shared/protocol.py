@@ -27,6 +27,8 @@ from pydantic import (
 
 __all__ = [
     "DEFAULT_PORT",
+    "DEREGISTER_PATH",
+    "EVENTS_PATH",
     "HEALTH_PATH",
     "HEARTBEAT_PATH",
     "INSTANCE_HEADER",
@@ -63,6 +65,8 @@ HEALTH_PATH = "/health"
 READY_PATH = "/ready"
 TABLE_PATH = "/prefill_port_table"
 HEARTBEAT_PATH = "/heartbeat"
+EVENTS_PATH = "/prefill_port_table/events"
+DEREGISTER_PATH = "/deregister"
 INSTANCE_HEADER = "x-sglang-disaggregation-instance-id"
 """On every answer of our server: the group's instance (a reset makes a new one)."""
 MAX_BODY_BYTES = 1 << 20
