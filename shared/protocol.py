@@ -65,12 +65,12 @@ HEALTH_PATH = "/health"
 READY_PATH = "/ready"
 TABLE_PATH = "/prefill_port_table"
 HEARTBEAT_PATH = "/heartbeat"
-EVENTS_PATH = "/prefill_port_table/events"
 DEREGISTER_PATH = "/deregister"
 INSTANCE_HEADER = "x-sglang-disaggregation-instance-id"
 """On every answer of our server: the group's instance (a reset makes a new one)."""
 MAX_BODY_BYTES = 1 << 20
 MAX_ROOM = (1 << 63) - 1
+EVENTS_PATH = "/prefill_port_table/events"
 SERVER_INFO_QUERY = {
     "prefill_dp_rank": "-1",
     "prefill_cp_rank": "-1",
@@ -369,7 +369,16 @@ class ReadyReport(BaseModel):
 class TableReport(BaseModel):
     """``GET /prefill_port_table``: the whole table for humans and scripts (a stable schema)."""
 
-    instance_id: str
+    instance_id: str = Field(description="the stable group id: only a reset changes it")
+    incarnation: str | None = Field(
+        None,
+        description="X-SGLang-Disaggregation-Instance-ID at this snapshot (null from servers "
+        "older than the change feed)",
+    )
+    stream: str | None = Field(
+        None, description="the change feed's run id at this snapshot: watch from <stream>:<seq>"
+    )
+    seq: int | None = Field(None, description="the last event this snapshot includes")
     complete: bool
     topology: TopologyReport | None
     expected_cells: int | None
