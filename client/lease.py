@@ -42,7 +42,7 @@ class _RunningKeepers:
     registered when the first keeper starts, not when this module is imported."""
 
     def __init__(self) -> None:
-        self._keepers: set[LeaseKeeper] = set()
+        self._keepers: dict[LeaseKeeper, None] = {}  # in start order: exit leaves in that order
         self._lock = threading.Lock()
         self._stop_at_exit = False
 
@@ -51,11 +51,11 @@ class _RunningKeepers:
             if not self._stop_at_exit:
                 atexit.register(self.at_exit)
                 self._stop_at_exit = True
-            self._keepers.add(keeper)
+            self._keepers[keeper] = None
 
     def discard(self, keeper: LeaseKeeper) -> None:
         with self._lock:
-            self._keepers.discard(keeper)
+            self._keepers.pop(keeper, None)
 
     def stop_all(self, deregister: bool = False) -> None:
         with self._lock:
