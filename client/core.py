@@ -58,6 +58,7 @@ from prefill_bootstrap.shared.protocol import (
     RankRegistration,
     ReadyReport,
     TableReport,
+    instance_of,
 )
 
 __all__ = [
@@ -460,8 +461,8 @@ class Core:
     # -- outcomes worth a log line ---------------------------------------------------------------
 
     def registered(self, reg: RankRegistration, instance_id: str | None) -> None:
-        if instance_id is not None:
-            self.registered_instance = instance_id
+        if instance_id is not None:  # the header is the incarnation: a move is no reset
+            self.registered_instance = instance_of(instance_id)
         log.info(
             "%s registered cell %s as %s:%d at %s.",
             self.who,

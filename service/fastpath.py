@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from prefill_bootstrap.service.event_stream import EventStream
 from prefill_bootstrap.service.pipeline import Pipeline, Receive
 from prefill_bootstrap.service.registry import Registry
 from prefill_bootstrap.service.replies import Reply
@@ -138,7 +139,10 @@ class FrontDoor(Pipeline):
             return await self._forward(scope, receive, send)
         if not self.serve_hot_routes:
             return await self._forward(scope, receive, send)
-        outcome = self.dispatch(route, scope["query_string"], body)
+        outcome = self.dispatch(route, scope["query_string"], body, scope["headers"])
+        if type(outcome) is EventStream:
+            instance = (INSTANCE_HEADER, self.registry.group.instance_id.encode())
+            return await outcome.run(scope, send, receive, (instance,))
         return await self._send(send, await self.settle(outcome, receive, route))
 
     async def _send(self, send: Send, reply: Reply) -> int:
@@ -150,7 +154,7 @@ class FrontDoor(Pipeline):
                     (b"content-type", reply.content_type),
                     (b"content-length", b"%d" % len(reply.body)),
                     *reply.headers,
-                    (INSTANCE_HEADER, self.registry.group.instance_id.encode()),
+                    (INSTANCE_HEADER, self.registry.group.incarnation.encode()),
                 ],
             }
         )
@@ -166,7 +170,7 @@ class FrontDoor(Pipeline):
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = list(message.get("headers", []))
-                headers.append((INSTANCE_HEADER, registry.group.instance_id.encode()))
+                headers.append((INSTANCE_HEADER, registry.group.incarnation.encode()))
                 message = {**message, "headers": headers}
             await send(message)
 

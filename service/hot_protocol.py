@@ -41,6 +41,7 @@ from prefill_bootstrap.service.replies import Reply, error_reply
 from prefill_bootstrap.service.routes import Route
 from prefill_bootstrap.service.uvicorn_glue import STATUS_LINE, PendingCycle, UvicornHttpProtocol
 from prefill_bootstrap.service.waiters import Parked
+from prefill_bootstrap.service.watchers import ABORT_EXTENSION
 
 __all__ = ["hot_path_protocol"]
 
@@ -188,6 +189,7 @@ class _HotPathProtocol(UvicornHttpProtocol):
             # at once anyway, and a long poll (?wait=) must not pace everyone queued behind it.
             self._release_slot()
         if not self._take_hot_path():
+            self.lend_abort(ABORT_EXTENSION)  # before uvicorn hands the scope to the app
             super().on_headers_complete()
 
     def _take_hot_path(self) -> bool:
@@ -302,7 +304,7 @@ class _HotPathProtocol(UvicornHttpProtocol):
         ]  # fmt: skip
         for name, value in reply.headers:
             parts += [name, b": ", value, b"\r\n"]
-        instance = self.front.registry.group.instance_id.encode()
+        instance = self.front.registry.group.incarnation.encode()
         parts += [INSTANCE_HEADER, b": ", instance, b"\r\n\r\n"]
         if len(reply.body) <= _JOIN_BODY_BYTES:
             self.transport.write(b"".join([*parts, reply.body]))

@@ -53,6 +53,8 @@ class Metrics:
         self.registrations: Counter[str] = Counter()
         self.events: Counter[str] = Counter()
         """Table events published, by kind (the registry's event log subscription bumps it)."""
+        self.watchers_dropped = 0
+        """Event streams dropped for falling more than --watcher-buffer-bytes behind."""
         self.not_ready_responses = 0
         self.unauthorized = 0
         self.latency: dict[tuple[str, str], LatencyHistogram] = {}
@@ -96,6 +98,8 @@ class _RegistryCollector(Collector):
             ("rooms", "bootstrap_room entries currently held.", len(rooms)),
             ("parked_long_polls", "Requests waiting (?wait=) for the table to complete.",
              len(registry.waits)),
+            ("watchers", "Open event streams plus event long polls waiting for the next event.",
+             len(registry.watchers)),
         )  # fmt: skip
         for name, help_text, value in gauges:
             yield GaugeMetricFamily(p + name, help_text, value=value)
@@ -116,6 +120,8 @@ class _RegistryCollector(Collector):
              metrics.not_ready_responses),
             ("unauthorized_requests", "Requests refused for a missing or wrong token.",
              metrics.unauthorized),
+            ("watchers_dropped", "Event streams dropped for falling too far behind.",
+             metrics.watchers_dropped),
             ("room_evictions", "Room entries evicted by the capacity bound.", rooms.evicted),
             ("room_expirations", "Room entries dropped after their TTL.", rooms.expired),
             ("state_commits", "Durable state commits (one per group of writes).",

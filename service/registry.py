@@ -1,10 +1,10 @@
 """The server's parts, built and wired together once; nothing here decides anything.
 
 ``PortGroup`` (group.py) changes the table, durable first, and tells ``EventLog`` (event_log.py)
-what changed; ``CompletionWaits`` holds the long
-polls; ``AnswerCache`` the serialised answers; ``RoomTable`` the bootstrap rooms; ``Metrics`` the
-counters every part is given rather than owns. The routes' answer functions read what they need
-from here.
+what changed; ``WatcherHub`` (watchers.py) fans the events out to watchers; ``CompletionWaits``
+holds the long polls; ``AnswerCache`` the serialised answers; ``RoomTable`` the bootstrap rooms;
+``Metrics`` the counters every part is given rather than owns. The routes' answer functions read
+what they need from here.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from prefill_bootstrap.service.metrics import Metrics
 from prefill_bootstrap.service.rooms import RoomTable
 from prefill_bootstrap.service.settings import ServerSettings
 from prefill_bootstrap.service.store import StateStore
+from prefill_bootstrap.service.watchers import WatcherHub
 
 __all__ = ["Registry"]
 
@@ -32,6 +33,7 @@ class Registry:
     metrics: Metrics
     group: PortGroup
     events: EventLog
+    watchers: WatcherHub
     waits: CompletionWaits
     rooms: RoomTable
     cache: AnswerCache
@@ -61,6 +63,12 @@ class Registry:
             metrics=metrics,
             group=group,
             events=events,
+            watchers=WatcherHub(
+                events,
+                metrics,
+                buffer_bytes=settings.watcher_buffer_bytes,
+                keepalive_seconds=settings.keepalive_seconds,
+            ),
             waits=CompletionWaits(group, settings.max_wait_seconds),
             rooms=rooms,
             cache=AnswerCache(lambda: group.version),

@@ -8,7 +8,7 @@ whichever door served it, and pydantic's messages are cleaned and located in one
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import orjson
@@ -20,6 +20,7 @@ __all__ = [
     "JSON",
     "TEXT",
     "Reply",
+    "Waiting",
     "error_reply",
     "invalid_reply",
     "reply_for",
@@ -38,6 +39,14 @@ class Reply(NamedTuple):
     headers: tuple[tuple[bytes, bytes], ...] = ()
     """Headers beyond content type and length (the status page's ``cache-control``, a
     redirect's ``location``, a 405's ``allow``)."""
+
+
+class Waiting(NamedTuple):
+    """An answer that waits for something to happen (the change feed's long poll for the next
+    event): the doors await it while the client stays connected and abandon it (cancelled, so
+    it unparks) the moment the client leaves, unlike a write, which stands."""
+
+    answer: Awaitable[Reply]
 
 
 def error_reply(

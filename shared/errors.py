@@ -13,12 +13,15 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 __all__ = [
+    "AddressMismatch",
     "BootstrapError",
     "CellNotFound",
     "ConfigurationError",
     "DistributedNotInitialized",
     "GroupReset",
+    "HistoryGoneError",
     "LeaseNotHeld",
+    "NothingToDeregister",
     "PortInUse",
     "PortSyncFailed",
     "PortTableUnavailable",
@@ -193,6 +196,61 @@ class LeaseNotHeld(BootstrapError):
             f"{offered.rank_ip}:{offered.rank_port}; this rank was replaced — stop its heartbeat "
             "or register again"
         )
+
+
+class NothingToDeregister(CellNotFound):
+    """A deregistration of a cell nobody holds: the rank that asks treats it as already gone
+    (a retried deregistration whose first answer was lost reads the same)."""
+
+    hint = "; it is already gone, nothing to deregister"
+
+
+class AddressMismatch(BootstrapError):
+    """A deregistration from an address that does not hold the cell: another rank took it over
+    since, and removing it would take a live rank out of the group."""
+
+    status = 409
+    kind = "address_mismatch"
+    hint = "; only the rank registered at that address can deregister the cell"
+
+    def __init__(self, cell: Cell, registered: Any, offered: Any) -> None:
+        self.cell = cell
+        self.registered = registered
+        self.offered = offered
+        super().__init__(
+            f"cell {format_cell(cell)} is registered at {registered.rank_ip}:"
+            f"{registered.rank_port}, not at {offered.rank_ip}:{offered.rank_port}"
+        )
+
+    def details(self) -> list[dict[str, Any]]:
+        def address(value: Any) -> dict[str, Any]:
+            return {"rank_ip": value.rank_ip, "rank_port": value.rank_port}
+
+        return [{"registered": address(self.registered), "offered": address(self.offered)}]
+
+
+class HistoryGoneError(BootstrapError):
+    """A watcher asked to resume the change feed from a position the server cannot honour: older
+    than the events it still holds, ahead of the latest, or of another stream (the server
+    restarted). Replaying a partial history would hide changes, so the watcher is told to
+    resynchronise from the table instead."""
+
+    status = 410
+    kind = "history_gone"  # shared.events.HISTORY_GONE: the wire's one spelling of it
+
+    def __init__(self, position: str, stream: str, oldest: int, latest: int) -> None:
+        self.position = position
+        self.stream = stream
+        self.oldest = oldest
+        self.latest = latest
+        super().__init__(
+            f"event position {position!r} cannot be resumed: this server resumes only from "
+            f"{stream}:{oldest - 1} to {stream}:{latest} (older events are gone, or the server "
+            "restarted); re-read GET /prefill_port_table and watch from its stream and seq"
+        )
+
+    def details(self) -> list[dict[str, Any]]:
+        return [{"stream": self.stream, "oldest": self.oldest, "latest": self.latest}]
 
 
 class GroupReset(BootstrapError):
