@@ -1,4 +1,5 @@
-"""The rank-side subcommands of ``prefill-bootstrap``: ``register``, ``wait`` and ``table``.
+"""The rank-side subcommands of ``prefill-bootstrap``: ``register``, ``wait`` and ``table``
+(``watch`` and ``deregister`` live in ``feed_commands.py`` and share these options).
 
 They live apart from ``cli.py`` (which owns the parser, ``serve`` and the exit codes) so each
 module stays one concept. Every registration field is a flag named as on the wire
@@ -287,8 +288,12 @@ def _add_table(commands: Any, options: argparse.ArgumentParser) -> None:
 
 
 def add_rank_commands(commands: Any) -> None:
-    """Add ``register``, ``wait`` and ``table`` to the ``prefill-bootstrap`` subcommands."""
+    """Add ``register``, ``wait``, ``table``, ``watch`` and ``deregister`` to the
+    ``prefill-bootstrap`` subcommands."""
+    from prefill_bootstrap.client.feed_commands import add_feed_commands  # it imports this module
+
     options = _client_options()
     _add_register(commands, options)
     _add_wait(commands, options)
     _add_table(commands, options)
+    add_feed_commands(commands, options)

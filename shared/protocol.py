@@ -28,6 +28,7 @@ from pydantic import (
 __all__ = [
     "DEFAULT_PORT",
     "DEREGISTER_PATH",
+    "EVENTS_PATH",
     "HEALTH_PATH",
     "HEARTBEAT_PATH",
     "INSTANCE_HEADER",
@@ -75,6 +76,7 @@ reset and whenever a cell moves to another address or leaves, so a decode that c
 drops its cached addresses exactly when they may be stale."""
 MAX_BODY_BYTES = 1 << 20
 MAX_ROOM = (1 << 63) - 1
+EVENTS_PATH = "/prefill_port_table/events"
 SERVER_INFO_QUERY = {
     "prefill_dp_rank": "-1",
     "prefill_cp_rank": "-1",
