@@ -18,7 +18,7 @@ __all__ = [
     "BootstrapClient",
     "BootstrapError",
     "ConfigurationError",
-    "Departure",
+    "Deregistered",
     "DistributedNotInitialized",
     "LeaseKeeper",
     "PortSyncFailed",
@@ -45,7 +45,7 @@ _HOME = {
     "RetryPolicy": "retry",
     "AsyncBootstrapClient": "http",
     "BootstrapClient": "http",
-    "Departure": "core",
+    "Deregistered": "core",
     "Resynced": "feed",
     "BootstrapError": "prefill_bootstrap.shared.errors",
     "ConfigurationError": "prefill_bootstrap.shared.errors",
@@ -86,7 +86,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from prefill_bootstrap.client.addresses import bootstrap_url, resolve_bootstrap_host
     from prefill_bootstrap.client.bootstrap import bootstrap_prefill_rank
-    from prefill_bootstrap.client.core import Departure
+    from prefill_bootstrap.client.core import Deregistered
     from prefill_bootstrap.client.feed import Resynced
     from prefill_bootstrap.client.grid import render_table
     from prefill_bootstrap.client.http import AsyncBootstrapClient, BootstrapClient

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, NoReturn, TypeVar
 
 import httpx
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from tenacity import RetryCallState
 
 from prefill_bootstrap.client.addresses import normalize_base_url
@@ -54,6 +54,7 @@ from prefill_bootstrap.shared.protocol import (
     SERVER_INFO_QUERY,
     TABLE_PATH,
     Cell,
+    Deregistered,
     RankAddress,
     RankRegistration,
     ReadyReport,
@@ -67,7 +68,7 @@ __all__ = [
     "LONG_POLL_SECONDS",
     "Call",
     "Core",
-    "Departure",
+    "Deregistered",
     "Registration",
     "WaitPlan",
     "as_registration",
@@ -247,7 +248,7 @@ class Core:
 
     def deregister_call(
         self, cell: Cell, address: RankAddress, within: float | None = None
-    ) -> Call[Departure | None]:
+    ) -> Call[Deregistered | None]:
         """``POST /deregister``: the cell leaves the table if ``address`` holds it. Answers what
         left, or None when the server holds no such cell (already gone: a retry whose first
         answer was lost reads the same). ``within`` bounds the whole call, retries included (a
@@ -563,21 +564,9 @@ def _read_ready(response: httpx.Response) -> ReadyReport:
         raise
 
 
-class Departure(BaseModel):
-    """``POST /deregister``'s 200: the cell and address that left, the table's count after it,
-    and the incarnation (``X-SGLang-Disaggregation-Instance-ID``) the change produced."""
-
-    cell: Cell
-    address: RankAddress
-    registered: int
-    expected: int | None
-    complete: bool
-    incarnation: str
-
-
-def _read_departure(response: httpx.Response, url: str) -> Departure | None:
+def _read_departure(response: httpx.Response, url: str) -> Deregistered | None:
     if response.status_code != 404:
-        return Departure.model_validate_json(response.content)
+        return Deregistered.model_validate_json(response.content)
     body = _body(response)
     if isinstance(body, dict) and body.get("error") == "cell_not_found":
         return None

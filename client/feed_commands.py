@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any
 
-from prefill_bootstrap.client.commands import _client, _logging_to_stderr, _usage
+from prefill_bootstrap.client.commands import client_for, logging_to_stderr, usage_error
 from prefill_bootstrap.shared.errors import format_cell
 from prefill_bootstrap.shared.events import parse_position
 
@@ -30,12 +30,12 @@ def _run_watch(args: argparse.Namespace) -> int:
         try:
             parse_position(args.since)
         except ValueError as exc:
-            _usage(args, f"--since: {exc}")
+            usage_error(args, f"--since: {exc}")
     if args.count is not None and args.count < 1:
-        _usage(args, "--count must be at least 1")
+        usage_error(args, "--count must be at least 1")
     show = as_json_line if args.json else describe
     shown = 0
-    with _client(args) as client, _logging_to_stderr(args):
+    with client_for(args) as client, logging_to_stderr(args):
         try:
             for item in client.watch(since=args.since):
                 print(show(item), flush=True)
@@ -51,7 +51,7 @@ def _run_watch(args: argparse.Namespace) -> int:
 def _run_deregister(args: argparse.Namespace) -> int:
     cell = (args.dp, args.cp, args.tp, args.pp)
     address = f"{args.rank_ip}:{args.rank_port}"
-    with _client(args) as client, _logging_to_stderr(args):
+    with client_for(args) as client, logging_to_stderr(args):
         left = client.deregister(*cell, rank_ip=args.rank_ip, rank_port=args.rank_port)
         if left is None:
             print(

@@ -19,7 +19,7 @@ from prefill_bootstrap.client.core import (
     LONG_POLL_SECONDS,
     Call,
     Core,
-    Departure,
+    Deregistered,
     Registration,
     WaitPlan,
     describe_invalid,
@@ -35,7 +35,7 @@ __all__ = [
     "LONG_POLL_SECONDS",
     "AsyncBootstrapClient",
     "BootstrapClient",
-    "Departure",
+    "Deregistered",
     "Readiness",
     "Resynced",
     "describe_invalid",
@@ -182,7 +182,7 @@ class BootstrapClient:
         rank_ip: str,
         rank_port: int,
         within: float | None = None,
-    ) -> Departure | None:
+    ) -> Deregistered | None:
         """``POST /deregister``: take this rank's cell out of the table (the server removes it
         only if ``rank_ip:rank_port`` holds it). What left, or None if the cell was not
         registered (already gone). ``RequestRejected`` 409 names the address that holds it now.
@@ -368,7 +368,7 @@ class AsyncBootstrapClient:
         rank_ip: str,
         rank_port: int,
         within: float | None = None,
-    ) -> Departure | None:
+    ) -> Deregistered | None:
         call = self._core.deregister_call(
             Cell(dp, cp, tp, pp), RankAddress(rank_ip=rank_ip, rank_port=rank_port), within
         )

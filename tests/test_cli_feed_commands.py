@@ -37,7 +37,7 @@ def serve(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable], None]:
         def client(args: object) -> BootstrapClient:
             return BootstrapClient(URL, transport=httpx.MockTransport(handler), retry=FAST)
 
-        monkeypatch.setattr(feed_commands, "_client", client)
+        monkeypatch.setattr(feed_commands, "client_for", client)
 
     return install
 

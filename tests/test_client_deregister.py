@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from prefill_bootstrap.client.core import Departure
+from prefill_bootstrap.client.core import Deregistered
 from prefill_bootstrap.client.http import AsyncBootstrapClient, BootstrapClient
 from prefill_bootstrap.client.retry import RetryPolicy
 from prefill_bootstrap.shared.errors import RequestRejected, UnexpectedAnswer
@@ -34,7 +34,7 @@ def answering(status: int, body: dict, sent: list[httpx.Request] | None = None) 
     return BootstrapClient(URL, transport=httpx.MockTransport(handler), retry=FAST)
 
 
-def leave(client: BootstrapClient) -> Departure | None:
+def leave(client: BootstrapClient) -> Deregistered | None:
     with client:
         return client.deregister(1, 0, 3, 0, rank_ip="10.0.1.4", rank_port=41003)
 
@@ -76,7 +76,7 @@ def test_another_address_holding_the_cell_is_refused_with_the_servers_words() ->
 
 
 def test_the_async_twin_reads_the_same_answers() -> None:
-    async def run() -> Departure | None:
+    async def run() -> Deregistered | None:
         transport = httpx.MockTransport(lambda request: httpx.Response(200, json=LEFT))
         async with AsyncBootstrapClient(URL, transport=transport, retry=FAST) as client:
             return await client.deregister(1, 0, 3, 0, rank_ip="10.0.1.4", rank_port=41003)
