@@ -64,8 +64,9 @@ async def test_the_rank_at_the_address_leaves_and_the_table_is_incomplete(
             "complete": False,
             "incarnation": f"{group}.1",
         }
-        assert answer.headers[INSTANCE_HEADER] == f"{group}.1"
+        assert answer.headers[INSTANCE_HEADER] == group  # a write's acknowledgement: the group
         ready = await client.get("/ready")
+        assert ready.headers[INSTANCE_HEADER] == f"{group}.1"
         assert ready.status_code == 503 and ready.json()["missing_cells"] == [[0, 0, 1, 0]]
         table = (await client.get("/prefill_port_table")).json()
         assert [(cell["tp"], cell["rank_port"]) for cell in table["cells"]] == [(0, 41000)]

@@ -16,7 +16,7 @@ import pytest
 from prefill_bootstrap.service import ServerSettings, create_app
 from prefill_bootstrap.service.store import SqliteStore
 from prefill_bootstrap.shared.protocol import INSTANCE_HEADER
-from tests.conftest import asgi_client, sglang_registration
+from tests.conftest import asgi_client, cell_query, sglang_registration
 
 pytestmark = pytest.mark.anyio
 
@@ -45,11 +45,14 @@ async def test_the_header_changes_on_a_move_and_not_on_a_same_address_registrati
         await fill(client)
         group = (await client.get("/prefill_port_table")).json()["instance_id"]
         assert await header(client) == group
-        same = await client.put("/route", json=rank(1))
-        assert same.headers[INSTANCE_HEADER] == group
+        assert (await client.put("/route", json=rank(1))).status_code == 200
+        assert await header(client) == group
         moved = await client.put("/route", json=rank(1, port=41107))
-        assert moved.headers[INSTANCE_HEADER] == f"{group}.1"
+        assert moved.status_code == 200
         assert await header(client) == f"{group}.1"
+        assert (await client.get("/route", params=cell_query(0, 0, 1, 0))).headers[
+            INSTANCE_HEADER
+        ] == f"{group}.1"
         await client.put("/route", json=rank(0, port=41200))
         assert await header(client) == f"{group}.2"
         assert (await client.get("/prefill_port_table")).json()["instance_id"] == group
@@ -125,6 +128,29 @@ async def test_a_reset_makes_a_new_instance_with_no_changes_counted(
         assert answer.headers[INSTANCE_HEADER] == new == await header(client)
 
 
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "fastapi-only"])
+async def test_a_write_is_acknowledged_under_the_group_id_so_older_rank_clients_keep_working(
+    app_factory: Callable[..., Any], fast_path: bool
+) -> None:
+    """The previous release's rank client keeps the header of its ``PUT /route`` answer and
+    takes any ``/ready`` whose ``instance_id`` differs for a reset (it re-registers and waits
+    again). A registration after a move must therefore still be acknowledged under the group
+    id; the incarnation is for what decodes read."""
+    app = (
+        app_factory() if fast_path else create_app(ServerSettings(state_dir=None), fast_path=False)
+    )
+    async with asgi_client(app) as client:
+        await fill(client)
+        await client.put("/route", json=rank(1, port=41107))
+        again = await client.put("/route", json=rank(0, port=41300))
+        ready = await client.get("/ready", params={"instance": again.headers[INSTANCE_HEADER]})
+        assert ready.status_code == 200
+        assert again.headers[INSTANCE_HEADER] == ready.json()["instance_id"]
+        assert ready.headers[INSTANCE_HEADER] == f"{ready.json()['instance_id']}.2"
+    if not fast_path:
+        app.registry.close()
+
+
 async def test_a_long_poll_under_an_incarnation_of_the_group_still_waits(
     app_factory: Callable[..., Any],
 ) -> None:
@@ -133,7 +159,7 @@ async def test_a_long_poll_under_an_incarnation_of_the_group_still_waits(
     app = app_factory()
     async with asgi_client(app) as client:
         await client.put("/route", json=rank(0))
-        moved = await client.put("/route", json=rank(0, port=41107))
-        incarnation = moved.headers[INSTANCE_HEADER]
+        assert (await client.put("/route", json=rank(0, port=41107))).status_code == 200
+        incarnation = await header(client)
         assert app.registry.waits.must_wait(5, incarnation)
         assert not app.registry.waits.must_wait(5, "another-group")
