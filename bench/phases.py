@@ -352,8 +352,8 @@ def watchers(plan: Plan) -> PhaseResult:
         for which in ("alone", "watched") if index % 2 == 0 else ("watched", "alone"):
             with _server(plan) as server:
                 if which == "alone":
-                    alone = storm_alone(server, topology)
-                    run["alone"] = alone.summary()
+                    alone, alone_cpu = storm_alone(server, topology)
+                    run["alone"] = {**alone.summary(), "server_cpu_seconds": round(alone_cpu, 3)}
                     if alone.failures:
                         result.problems.append(f"storm alone: {alone.failures} failures")
                     continue

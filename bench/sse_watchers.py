@@ -13,9 +13,12 @@ to its parent in lines:
 Why a process of its own and raw asyncio protocols (uvloop) rather than httpx: the 1000 watchers
 must not share an interpreter with the storm client whose acknowledgements they are timed
 against, and on a 2-core machine every microsecond a watcher costs is taken from the load side.
-Per chunk of bytes a watcher does one clock read, the chunked framing, a split on blank lines
-and, per event, one ``int()`` of its ``id:``; the JSON is parsed once per event (by the first
-watcher that has it), the other watchers' copies are compared with it byte for byte.
+So a watcher does its Python work per chunk of bytes received, never per event: one clock read,
+the chunked framing, one regex ``findall`` of the ``id:`` seqs in the complete events, and one
+update of a running hash of everything it received (keep-alive comments left out). The checks
+are made once at the end: every watcher's hash must equal watcher 0's (the same bytes), and its
+seqs 1..latest once each, in order (the parent); watcher 0 alone keeps its bytes, whose events
+are parsed once to name each seq's kind and cell.
 
 Times are ``time.monotonic()``: CLOCK_MONOTONIC, the same clock in every process on Linux, so
 the parent can subtract its own acknowledgement times from them.
@@ -27,7 +30,9 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import pickle
+import re
 import resource
 import sys
 import time
@@ -46,6 +51,11 @@ __all__ = ["Received", "main"]
 CONNECT_CONCURRENCY = 128
 OPEN_DEADLINE = 60.0
 UNTIL_DEADLINE = 60.0
+RETRY = b"retry: 2000\n\n"
+"""A stream's first bytes (the wire, README: SSE)."""
+KEEPALIVE = b": keep-alive\n\n"
+ID = re.compile(rb"id: [^\n:]+:(\d+)\n")
+"""An event's ``id: <stream>:<seq>`` line (a ``data:`` line's JSON never starts a line)."""
 REQUEST = (
     b"GET /prefill_port_table/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
     b"Accept: text/event-stream\r\n\r\n"
@@ -65,12 +75,17 @@ class Received:
     problems: dict[str, int] = field(default_factory=dict)
     cpu_seconds: float = 0.0
     """This process's CPU (user + system) from start to the end of the wait."""
+    open_cpu_seconds: float = 0.0
+    """The part of it spent opening the streams, before any event."""
+    writes: int = 0
+    """Chunks of events read, all watchers together (one per server write, mostly)."""
+    """This process's CPU (user + system) from start to the end of the wait."""
 
 
 class Watcher(asyncio.Protocol):
-    """One SSE stream: the head, then chunked framing, then blocks separated by blank lines."""
+    """One SSE stream: the head, then chunked framing, then events separated by blank lines."""
 
-    def __init__(self, shared: Shared) -> None:
+    def __init__(self, shared: Shared, keep: bool = False) -> None:
         self.shared = shared
         self.transport: asyncio.Transport | None = None
         self.head = bytearray()
@@ -82,6 +97,10 @@ class Watcher(asyncio.Protocol):
         self.problem: str | None = None
         self.seqs = array("q")
         self.times = array("d")
+        self.writes = 0
+        self.hash = hashlib.blake2b(digest_size=16)
+        self.kept: list[bytes] | None = [] if keep else None
+        """Watcher 0 keeps every complete event it received, to be parsed once at the end."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -102,16 +121,23 @@ class Watcher(asyncio.Protocol):
                 self._fail(f"answered {head[:60]!r}")
                 return
             self.chunked = b"transfer-encoding: chunked" in head
-        if self.chunked:
-            self._dechunk(data)
-        else:
-            self.text += data
-        self._blocks(now)
+        payload = self._dechunk(data) if self.chunked else data
+        if payload:
+            self._events(payload, now)
 
-    def _dechunk(self, data: bytes) -> None:
-        """Move every complete chunk's payload from ``raw`` to ``text``."""
+    def _dechunk(self, data: bytes) -> bytes:
+        """The payload of every complete chunk received so far, keep-alive comments left out
+        (the server writes one chunk per flush, so this loops per flush, not per event)."""
         raw = self.raw
+        if not raw:  # the common case: data is exactly one whole chunk
+            end = data.find(b"\r\n")
+            if end > 0:
+                stop = end + 2 + int(data[:end], 16)
+                if len(data) == stop + 2 and stop > end + 2:
+                    payload = data[end + 2 : stop]
+                    return b"" if payload == KEEPALIVE else payload
         raw += data
+        parts: list[bytes] = []
         at = 0
         while True:
             end = raw.find(b"\r\n", at)
@@ -123,28 +149,43 @@ class Watcher(asyncio.Protocol):
                 break
             if len(raw) < end + 2 + size + 2:
                 break
-            self.text += raw[end + 2 : end + 2 + size]
+            payload = bytes(raw[end + 2 : end + 2 + size])
+            if payload != KEEPALIVE:
+                parts.append(payload)
             at = end + 2 + size + 2
         del raw[:at]
+        return b"".join(parts)
 
-    def _blocks(self, now: float) -> None:
-        text = self.text
-        end = text.rfind(b"\n\n")
-        if end < 0:
+    def _events(self, payload: bytes, now: float) -> None:
+        """Count the complete events in ``payload``: their seqs are the first one's onwards
+        (checked once at the end, on watcher 0's bytes, which every other's must equal)."""
+        if self.text:  # an event split between chunks (our server never does; a proxy might)
+            payload = bytes(self.text) + payload
+            self.text.clear()
+        end = payload.rfind(b"\n\n") + 2
+        if end < len(payload):
+            self.text += payload[end:]
+            payload = payload[:end]
+        if not self.opened:
+            if not payload.startswith(RETRY):
+                if payload:
+                    self._fail(f"the stream began {payload[:40]!r}")
+                return
+            self.opened = True
+            self.shared.opened += 1
+            payload = payload[len(RETRY) :]
+        if not payload.startswith(b"id: "):
+            if payload:
+                self._fail(f"an event began {payload[:40]!r}")
             return
-        blocks = bytes(text[:end]).split(b"\n\n")
-        del text[: end + 2]
-        shared = self.shared
-        for block in blocks:
-            if block.startswith(b"id: "):
-                newline = block.index(b"\n")
-                seq = int(block[4:newline].rpartition(b":")[2])
-                self.seqs.append(seq)
-                self.times.append(now)
-                shared.see(seq, block)
-            elif block.startswith(b"retry:") and not self.opened:
-                self.opened = True
-                shared.opened += 1
+        first = int(payload[4 : payload.index(b"\n")].rpartition(b":")[2])
+        count = payload.count(b"\nid: ") + 1
+        self.writes += 1
+        self.seqs.extend(range(first, first + count))
+        self.times.extend([now] * count)
+        self.hash.update(payload)
+        if self.kept is not None:
+            self.kept.append(payload)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.problem is None:
@@ -159,33 +200,41 @@ class Watcher(asyncio.Protocol):
 
 
 class Shared:
-    """What every watcher adds to: the first copy of each event, counts, problems."""
+    """What every watcher adds to: counts and problems."""
 
     def __init__(self) -> None:
-        self.first: dict[int, bytes] = {}
         self.opened = 0
         self.problems: dict[str, int] = {}
 
-    def see(self, seq: int, block: bytes) -> None:
-        known = self.first.get(seq)
-        if known is None:
-            self.first[seq] = block
-        elif known != block:
-            self.problems[f"event {seq} differs between watchers"] = 1
 
-    def events(self) -> dict[int, tuple[str, tuple[int, ...] | None]]:
-        found: dict[int, tuple[str, tuple[int, ...] | None]] = {}
-        for seq, block in self.first.items():
-            data = block[block.index(b"\ndata: ") + 7 :].split(b"\n", 1)[0]
-            event = orjson.loads(data)
-            found[seq] = (event["kind"], tuple(event["cell"]) if event["cell"] else None)
-        return found
+Events = dict[int, tuple[str, tuple[int, ...] | None]]
+
+
+def _judge(watchers: list[Watcher], shared: Shared) -> Events:
+    """seq -> (kind, cell) of watcher 0's events; a problem for any other whose bytes differ."""
+    first = watchers[0]
+    digest = first.hash.digest()
+    differ = sum(1 for w in watchers[1:] if w.opened and w.hash.digest() != digest)
+    if differ:
+        shared.problems[f"{differ} watchers received other bytes than watcher 0"] = differ
+    text = b"".join(first.kept or [])
+    if [int(seq) for seq in ID.findall(text)] != first.seqs.tolist():
+        shared.problems["watcher 0's event ids are not consecutive within a write"] = 1
+    found: Events = {}
+    for block in text.split(b"\n\n"):
+        if not block:
+            continue
+        seq = ID.search(block)
+        if seq is not None:
+            event = orjson.loads(block[block.index(b"\ndata: ") + 7 :].split(b"\n", 1)[0])
+            found[int(seq[1])] = (event["kind"], tuple(event["cell"]) if event["cell"] else None)
+    return found
 
 
 async def _open(port: int, count: int, shared: Shared) -> list[Watcher]:
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
-    watchers = [Watcher(shared) for _ in range(count)]
+    watchers = [Watcher(shared, keep=index == 0) for index in range(count)]
 
     async def one(watcher: Watcher) -> None:
         async with gate:
@@ -208,6 +257,7 @@ async def _run(port: int, count: int, out: str) -> None:
     shared = Shared()
     watchers = await _open(port, count, shared)
     failed = sum(1 for w in watchers if not w.opened)
+    opened = resource.getrusage(resource.RUSAGE_SELF)
     print(f"ready {count - failed} {failed}", flush=True)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
@@ -224,9 +274,11 @@ async def _run(port: int, count: int, out: str) -> None:
     received = Received(
         seqs=[w.seqs for w in watchers],
         times=[w.times for w in watchers],
-        events=shared.events(),
+        events=_judge(watchers, shared),
         problems=shared.problems,
         cpu_seconds=usage.ru_utime + usage.ru_stime,
+        open_cpu_seconds=opened.ru_utime + opened.ru_stime,
+        writes=sum(w.writes for w in watchers),
     )
     with Path(out).open("wb") as file:
         pickle.dump(dataclasses.asdict(received), file, protocol=pickle.HIGHEST_PROTOCOL)

@@ -138,6 +138,7 @@ def watched_storm(
             outcome = storm(server.port, topology)
             storm_cpu = server.cpu_seconds() - cpu
             moved_at, problems = moves(server.port, topology, moved, gap)
+            moves_cpu = server.cpu_seconds() - cpu - storm_cpu
             run.problems += problems
             run.details["rss_after_mb"] = server.memory()["VmRSS"]
             latest = _table_seq(server.port)
@@ -160,9 +161,12 @@ def watched_storm(
     run.figures.update(
         storm_seconds=outcome.seconds,
         storm_server_cpu_seconds=storm_cpu,
+        moves_server_cpu_seconds=moves_cpu,
         rss_connected_mb=run.details["rss_connected_mb"],
         rss_after_mb=run.details["rss_after_mb"],
         watcher_process_cpu_seconds=received.cpu_seconds,
+        watcher_process_open_cpu_seconds=received.open_cpu_seconds,
+        watcher_writes=received.writes,
     )
     run.details.update(
         storm=outcome.summary(),
@@ -229,6 +233,8 @@ def _judge(
     run.details["delivery_pairs"] = len(delivery)
 
 
-def storm_alone(server: Server, topology: Topology) -> StormResult:
-    """The same storm with nobody watching (the baseline)."""
-    return storm(server.port, topology)
+def storm_alone(server: Server, topology: Topology) -> tuple[StormResult, float]:
+    """The same storm with nobody watching (the baseline), and the server's CPU seconds."""
+    cpu = server.cpu_seconds()
+    outcome = storm(server.port, topology)
+    return outcome, server.cpu_seconds() - cpu
