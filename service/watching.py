@@ -31,11 +31,26 @@ Headers = Sequence[tuple[bytes, bytes]]
 
 
 def accepts_event_stream(headers: Headers) -> bool:
-    """Whether the request asked for SSE (``Accept`` names ``text/event-stream``)."""
+    """Whether the request asked for SSE: ``Accept`` names ``text/event-stream`` with a quality
+    above 0 (``q=0`` is "not acceptable"; wildcards stay the JSON page, which any client reads)."""
     for name, value in headers:
         if name == b"accept" and b"text/event-stream" in value.lower():
-            return True
+            return any(_streams(media) for media in value.lower().split(b","))
     return False
+
+
+def _streams(media: bytes) -> bool:
+    kind, *params = (part.strip() for part in media.split(b";"))
+    if kind != b"text/event-stream":
+        return False
+    for param in params:
+        key, _, quality = param.partition(b"=")
+        if key.strip() == b"q":
+            try:
+                return float(quality) > 0
+            except ValueError:
+                return True  # a malformed weight: take the type as asked for
+    return True
 
 
 def poll(registry: Registry, query: bytes, body: bytes) -> Reply | Waiting:

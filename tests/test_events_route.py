@@ -22,6 +22,7 @@ from prefill_bootstrap.service import ServerSettings, create_app
 from prefill_bootstrap.service.server import prepare
 from prefill_bootstrap.service.store import MemoryStore
 from prefill_bootstrap.service.watchers import KEEPALIVE, RETRY
+from prefill_bootstrap.service.watching import accepts_event_stream
 from prefill_bootstrap.shared.events import EventPage, TableEvent
 from prefill_bootstrap.shared.protocol import RankAddress
 from tests.conftest import asgi_client, sglang_registration, wait_for_health
@@ -163,6 +164,26 @@ async def test_a_parked_poll_whose_client_leaves_is_released(app_factory: Any) -
     await inbox.put({"type": "http.disconnect"})
     await asyncio.wait_for(task, 2)
     assert len(app.registry.watchers) == 0
+
+
+@pytest.mark.parametrize(
+    ("accept", "streams"),
+    [
+        ("text/event-stream", True),
+        ("TEXT/Event-Stream; charset=utf-8", True),
+        ("application/json, text/event-stream;q=0.5", True),
+        ("text/event-stream;q=0", False),
+        ("text/event-stream; q=0.000, application/json", False),
+        ("application/json", False),
+        ("*/*", False),
+        ("application/x-text/event-stream-ish", False),
+    ],
+)
+def test_sse_is_chosen_when_accept_names_text_event_stream_with_a_nonzero_quality(
+    accept: str, streams: bool
+) -> None:
+    """``q=0`` means "not acceptable" (RFC 9110): such a client gets the JSON page."""
+    assert accepts_event_stream([(b"accept", accept.encode())]) is streams
 
 
 @pytest.mark.parametrize("since", ["abc:", ":3", "-1", "1.5", "x" * 70 + ":1"])
