@@ -109,3 +109,19 @@ def test_the_list_keeps_the_newest_twenty_events_once_each() -> None:
     )
     result = node(program)
     assert result == {"seqs": list(range(30, 10, -1)), "added": 30}
+
+
+@needs_node
+def test_after_a_server_restart_the_new_runs_events_are_listed_despite_reused_seqs() -> None:
+    """A restarted server keeps its instance but numbers a new stream from 1: an event is told
+    apart by its SSE id (``<stream>:<seq>``), not by its seq within the instance."""
+    before = [{**event(seq, "registered"), "position": f"s1:{seq}"} for seq in range(1, 4)]
+    after = [{**event(seq, "moved", at=1_900_000_000.0 + seq), "position": f"s2:{seq}"}
+             for seq in range(1, 4)]  # fmt: skip
+    program = (
+        f"(() => {{ const kept = [];"
+        f" const added = {json.dumps(before + after)}.map((e) => page.rememberEvent(kept, e, 20));"
+        f" return {{added, kinds: kept.map((e) => e.kind)}}; }})()"
+    )
+    result = node(program)
+    assert result == {"added": [True] * 6, "kinds": ["moved"] * 3 + ["registered"] * 3}

@@ -183,6 +183,7 @@ function stopPolling() {
 function onEvent(message) {
   let event;
   try { event = JSON.parse(message.data); } catch { return; }
+  event.position = message.lastEventId;  // "<stream>:<seq>": a restarted server reuses seqs
   if (rememberEvent(recentEvents, event, EVENT_LIMIT)) renderEvents();
   scheduleRead();
 }
@@ -243,9 +244,10 @@ function renderEvents() {
 
 // Keep `event` in `events` (newest first, at most `limit`); false for one already there (a
 // stream resumed with Last-Event-ID never repeats one, but a fresh stream might race a resume).
+// Told apart by `position`, the SSE id: a restarted server keeps the instance, not the seqs.
 function rememberEvent(events, event, limit) {
-  if (events.some((known) => known.seq === event.seq && known.instance_id === event.instance_id))
-    return false;
+  const key = (e) => e.position || `${e.instance_id}:${e.seq}`;
+  if (events.some((known) => key(known) === key(event))) return false;
   events.unshift(event);
   events.sort((a, b) => b.at - a.at || b.seq - a.seq);
   events.length = Math.min(events.length, limit);
