@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from prefill_bootstrap.client.feed import Resynced, WatchItem
-from prefill_bootstrap.shared.errors import format_cell
+from prefill_bootstrap.shared.errors import format_address, format_cell
 from prefill_bootstrap.shared.events import TableEvent
 from prefill_bootstrap.shared.protocol import RankAddress
 
@@ -24,7 +24,7 @@ def _clock(at: float) -> str:
 
 
 def _address(address: RankAddress | None) -> str:
-    return f"{address.rank_ip}:{address.rank_port}" if address is not None else "?"
+    return format_address(address.rank_ip, address.rank_port) if address is not None else "?"
 
 
 def _event(event: TableEvent) -> str:

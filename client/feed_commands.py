@@ -17,7 +17,7 @@ import sys
 from typing import Any
 
 from prefill_bootstrap.client.commands import client_for, logging_to_stderr, usage_error
-from prefill_bootstrap.shared.errors import format_cell
+from prefill_bootstrap.shared.errors import format_address, format_cell
 from prefill_bootstrap.shared.events import parse_position
 
 __all__ = ["add_feed_commands"]
@@ -50,7 +50,7 @@ def _run_watch(args: argparse.Namespace) -> int:
 
 def _run_deregister(args: argparse.Namespace) -> int:
     cell = (args.dp, args.cp, args.tp, args.pp)
-    address = f"{args.rank_ip}:{args.rank_port}"
+    address = format_address(args.rank_ip, args.rank_port)
     with client_for(args) as client, logging_to_stderr(args):
         left = client.deregister(*cell, rank_ip=args.rank_ip, rank_port=args.rank_port)
         if left is None:

@@ -35,6 +35,7 @@ __all__ = [
     "TopologyNotAddressable",
     "UnexpectedAnswer",
     "UnsupportedSGLang",
+    "format_address",
     "format_cell",
 ]
 
@@ -45,6 +46,11 @@ def format_cell(cell: Sequence[int]) -> str:
     """Render a (dp, cp, tp, pp) cell the way logs and messages name it everywhere."""
     dp, cp, tp, pp = cell
     return f"(dp={dp}, cp={cp}, tp={tp}, pp={pp})"
+
+
+def format_address(ip: str, port: int) -> str:
+    """``ip:port``, with an IPv6 address bracketed (``[fd00::1]:41001``) so the port reads apart."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def _summarise_cells(cells: Sequence[Sequence[int]], limit: int = 16) -> str:
@@ -218,8 +224,9 @@ class AddressMismatch(BootstrapError):
         self.registered = registered
         self.offered = offered
         super().__init__(
-            f"cell {format_cell(cell)} is registered at {registered.rank_ip}:"
-            f"{registered.rank_port}, not at {offered.rank_ip}:{offered.rank_port}"
+            f"cell {format_cell(cell)} is registered at "
+            f"{format_address(registered.rank_ip, registered.rank_port)}, not at "
+            f"{format_address(offered.rank_ip, offered.rank_port)}"
         )
 
     def details(self) -> list[dict[str, Any]]:

@@ -52,6 +52,10 @@ def serve(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable], None]:
         (event(3, "left", cell=[0, 0, 1, 0]), "left (dp=0, cp=0, tp=1, pp=0) 10.0.1.4:41003"),
         (event(3, "registered"), "registered (dp=0, cp=0, tp=3, pp=0) 10.0.1.4:41003 (address v1)"),
         (event(4, "expired"), "expired (dp=0, cp=0, tp=0, pp=0) 10.0.1.4:41004"),
+        (
+            event(4, "left", cell=[0, 0, 0, 0], address={"rank_ip": "fd00::2", "rank_port": 9}),
+            "left (dp=0, cp=0, tp=0, pp=0) [fd00::2]:9",
+        ),
         (event(5, "renewed"), "renewed (dp=0, cp=0, tp=1, pp=0) 10.0.1.4:41005"),
         (event(6, "incomplete"), "incomplete"),
         (event(7, "complete"), "complete"),

@@ -96,6 +96,15 @@ async def test_another_address_is_refused_naming_both(app_factory: Callable[...,
     assert app.registry.events.latest == before
 
 
+def test_an_ipv6_address_is_bracketed_in_the_refusal() -> None:
+    refused = AddressMismatch(
+        Cell(0, 0, 1, 0),
+        RankAddress(rank_ip="fd00::1", rank_port=41001),
+        RankAddress(rank_ip="fd00::2", rank_port=41001),
+    )
+    assert "registered at [fd00::1]:41001, not at [fd00::2]:41001" in str(refused)
+
+
 async def test_a_cell_nobody_holds_is_not_found(app_factory: Callable[..., Any]) -> None:
     async with asgi_client(app_factory()) as client:
         await client.put("/route", json=rank(0))
