@@ -42,17 +42,21 @@ class DecodeCache:
         self._lookup = lookup
         self._addresses: dict[Cell, str] = {}
         self._lock = threading.Lock()
+        self._invalidations = 0
+        """Bumped by every drop: a lookup that was in flight across one may hold a stale answer."""
         self.incarnation: str | None = None
 
     def address(self, cell: Cell) -> str:
         with self._lock:
             cached = self._addresses.get(cell)
+            invalidations = self._invalidations
         if cached is not None:
             return cached
         found = self._lookup(cell)
         address = f"{found.rank_ip}:{found.rank_port}"
         with self._lock:
-            self._addresses[cell] = address
+            if self._invalidations == invalidations:  # else the answer may predate a move
+                self._addresses[cell] = address
         return address
 
     def cached(self) -> dict[Cell, str]:
@@ -65,12 +69,14 @@ class DecodeCache:
         if isinstance(item, Resynced) or item.kind == "reset":
             with self._lock:
                 self._addresses.clear()
+                self._invalidations += 1
             return None
         if item.kind not in STALE_KINDS or item.cell is None:
             return []
         cell = Cell(*item.cell)
         with self._lock:
             dropped = self._addresses.pop(cell, None)
+            self._invalidations += 1
         return [cell] if dropped is not None else []
 
     def follow(self, items: Iterable[TableEvent | Resynced]) -> None:

@@ -59,3 +59,22 @@ def test_a_reset_or_a_resync_drops_everything() -> None:
     report = TableReport.model_validate(table("s2", 9))
     assert cache.apply(Resynced("history_gone", "g1", "g1", "s2", 9, report, time.time())) is None
     assert cache.cached() == {}
+
+
+def test_a_lookup_answered_before_a_move_that_lands_meanwhile_is_not_kept() -> None:
+    """The answer of a lookup in flight when a cell moves may be the old address: keeping it
+    would cache the stale address after the one invalidation that was to drop it."""
+    cell = Cell(0, 0, 2, 0)
+    ports = iter([41002, 41107])
+
+    def lookup(asked: Cell) -> RankAddress:
+        port = next(ports)
+        if port == 41002:  # the server answered the old address; the move arrives meanwhile
+            cache.apply(event(5, "moved", cell=list(asked), incarnation="g1.1"))
+        return RankAddress(rank_ip="10.0.1.4", rank_port=port)
+
+    cache = DecodeCache(lookup)
+    assert cache.address(cell) == "10.0.1.4:41002"  # this request used what it was told
+    assert cell not in cache.cached()
+    assert cache.address(cell) == "10.0.1.4:41107"
+    assert cache.cached() == {cell: "10.0.1.4:41107"}
