@@ -77,7 +77,7 @@ def add_serve_command(commands: Any) -> None:
     serve.add_argument(
         "--keepalive-seconds",
         type=float,
-        help="keep-alive comment interval on idle event streams (15)",
+        help="keep-alive comment interval on idle event streams, at most 30 (15)",
     )
     serve.add_argument(
         "--watcher-buffer-bytes",

@@ -100,10 +100,11 @@ class ServerSettings(BaseSettings):
         description="table events kept for watchers that resume (GET "
         "/prefill_port_table/events); an older position is answered 410 and re-reads the table",
     )
-    keepalive_seconds: Annotated[float, Field(gt=0, le=3600)] = Field(
+    keepalive_seconds: Annotated[float, Field(gt=0, le=30)] = Field(
         15.0,
         description="an idle event stream gets a keep-alive comment this often, so proxies that "
-        "cut idle connections leave it open",
+        "cut idle connections leave it open; at most 30, since watch clients take 60 s of "
+        "silence for a dead connection and reconnect",
     )
     watcher_buffer_bytes: Annotated[int, Field(ge=4096, le=1 << 30)] = Field(
         1 << 20,
