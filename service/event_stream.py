@@ -15,7 +15,7 @@ from collections.abc import MutableMapping, Sequence
 from typing import Any
 
 from prefill_bootstrap.service.event_log import HistoryGone
-from prefill_bootstrap.service.replies import Reply, reply_for
+from prefill_bootstrap.service.replies import reply_for, send_reply
 from prefill_bootstrap.service.watchers import (
     ABORT_EXTENSION,
     KEEPALIVE,
@@ -60,7 +60,7 @@ class EventStream:
         if isinstance(watcher, HistoryGone):
             shown = "?" if self.position is None else str(self.position.seq)
             gone = HistoryGoneError(shown, watcher.stream, watcher.oldest, watcher.latest)
-            return await _reply(send, reply_for(gone), headers)
+            return await send_reply(send, reply_for(gone), *headers)
         leaving = asyncio.ensure_future(_until_disconnect(receive))
         leaving.add_done_callback(lambda _: hub.remove(watcher))
         try:
@@ -79,22 +79,6 @@ class EventStream:
             leaving.cancel()
             hub.remove(watcher)
         return 200
-
-
-async def _reply(send: Send, reply: Reply, headers: Headers) -> int:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": reply.status,
-            "headers": [
-                (b"content-type", reply.content_type),
-                (b"content-length", b"%d" % len(reply.body)),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": reply.body})
-    return reply.status
 
 
 async def _more(send: Send, watcher: Watcher, body: bytes) -> None:

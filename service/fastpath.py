@@ -16,7 +16,7 @@ from typing import Any
 from prefill_bootstrap.service.event_stream import EventStream
 from prefill_bootstrap.service.pipeline import Pipeline, Receive
 from prefill_bootstrap.service.registry import Registry
-from prefill_bootstrap.service.replies import Reply
+from prefill_bootstrap.service.replies import Reply, send_reply
 from prefill_bootstrap.service.routes import ROUTES
 
 __all__ = ["INSTANCE_HEADER", "FrontDoor", "instance_header"]
@@ -162,20 +162,9 @@ class FrontDoor(Pipeline):
         return await self._send(send, await self.settle(outcome, receive, route), method)
 
     async def _send(self, send: Send, reply: Reply, method: str) -> int:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": reply.status,
-                "headers": [
-                    (b"content-type", reply.content_type),
-                    (b"content-length", b"%d" % len(reply.body)),
-                    *reply.headers,
-                    (INSTANCE_HEADER, instance_header(self.registry, method)),
-                ],
-            }
+        return await send_reply(
+            send, reply, (INSTANCE_HEADER, instance_header(self.registry, method))
         )
-        await send({"type": "http.response.body", "body": reply.body})
-        return reply.status
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send) -> int:
         status = 500

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 __all__ = [
     "AddressMismatch",
     "BootstrapError",
+    "CellHeldElsewhere",
     "CellNotFound",
     "ConfigurationError",
     "DistributedNotInitialized",
@@ -187,23 +188,6 @@ class CellNotFound(BootstrapError):
         super().__init__(f"no rank registered cell {format_cell(cell)}")
 
 
-class LeaseNotHeld(BootstrapError):
-    """A heartbeat came from an address that no longer holds the cell."""
-
-    status = 409
-    kind = "lease_not_held"
-
-    def __init__(self, cell: Cell, holder: Any, offered: Any) -> None:
-        self.cell = cell
-        self.holder = holder
-        self.offered = offered
-        super().__init__(
-            f"cell {format_cell(cell)} is held by {holder.rank_ip}:{holder.rank_port}, not "
-            f"{offered.rank_ip}:{offered.rank_port}; this rank was replaced — stop its heartbeat "
-            "or register again"
-        )
-
-
 class NothingToDeregister(CellNotFound):
     """A deregistration of a cell nobody holds: the rank that asks treats it as already gone
     (a retried deregistration whose first answer was lost reads the same)."""
@@ -211,13 +195,12 @@ class NothingToDeregister(CellNotFound):
     hint = "; it is already gone, nothing to deregister"
 
 
-class AddressMismatch(BootstrapError):
-    """A deregistration from an address that does not hold the cell: another rank took it over
-    since, and removing it would take a live rank out of the group."""
+class CellHeldElsewhere(BootstrapError):
+    """A rank's request about its cell, while another address holds the cell: that rank took it
+    over since. Acting on it (renewing the lease, removing the cell) would act on a live rank's
+    behalf, so the request is refused and both addresses are named."""
 
     status = 409
-    kind = "address_mismatch"
-    hint = "; only the rank registered at that address can deregister the cell"
 
     def __init__(self, cell: Cell, registered: Any, offered: Any) -> None:
         self.cell = cell
@@ -234,6 +217,21 @@ class AddressMismatch(BootstrapError):
             return {"rank_ip": value.rank_ip, "rank_port": value.rank_port}
 
         return [{"registered": address(self.registered), "offered": address(self.offered)}]
+
+
+class LeaseNotHeld(CellHeldElsewhere):
+    """A heartbeat came from an address that no longer holds the cell."""
+
+    kind = "lease_not_held"
+    hint = "; this rank was replaced: stop its heartbeat or register again"
+
+
+class AddressMismatch(CellHeldElsewhere):
+    """A deregistration from an address that does not hold the cell: removing it would take a
+    live rank out of the group."""
+
+    kind = "address_mismatch"
+    hint = "; only the rank registered at that address can deregister the cell"
 
 
 class HistoryGoneError(BootstrapError):
