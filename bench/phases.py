@@ -21,6 +21,7 @@ from bench.server import Server, core_busy, core_times
 from bench.stats import Stat
 from bench.storm import state_commits, storm, verify_table
 from bench.waiters import WaitResult, release_waiters, startup_with_wait
+from bench.watchers import storm_alone, watched_storm
 from bench.wire import new_loop
 
 __all__ = ["PHASES", "Phase", "PhaseResult", "Plan"]
@@ -50,6 +51,12 @@ class Plan:
     startup_wait_ranks: int = 4096
     wait_path: str = "ready"
     """Which wait the waiters send (``bench.waiters.WAIT_PATHS``): the rank client's."""
+    watchers: int = 1000
+    """Issue 14: SSE watchers open while a storm of ``watch_ranks`` registers and
+    ``watch_moves`` cells then move, ``watch_move_gap`` seconds apart."""
+    watch_ranks: int = 512
+    watch_moves: int = 100
+    watch_move_gap: float = 0.05
     server_args: tuple[str, ...] = ()
     server_source: Path | None = None
     """Run servers from another checkout (``Server.source``): before/after figures."""
@@ -74,6 +81,10 @@ class Plan:
             use_wrk=False,
             waiter_sizes=(64,),
             startup_wait_ranks=64,
+            watchers=16,
+            watch_ranks=64,
+            watch_moves=8,
+            watch_move_gap=0.01,
             toy=True,
         )
 
@@ -331,6 +342,36 @@ def startup_wait(plan: Plan) -> PhaseResult:
     return result
 
 
+def watchers(plan: Plan) -> PhaseResult:
+    """Event delivery to N SSE watchers during a storm and moves, and the same storm alone
+    (alternating which goes first), each on a fresh server (``bench/watchers.py``)."""
+    result = PhaseResult("watchers")
+    topology = Topology.for_ranks(plan.watch_ranks)
+    for index in range(plan.runs):
+        run: dict[str, Any] = {}
+        for which in ("alone", "watched") if index % 2 == 0 else ("watched", "alone"):
+            with _server(plan) as server:
+                if which == "alone":
+                    alone, alone_cpu = storm_alone(server, topology)
+                    run["alone"] = {**alone.summary(), "server_cpu_seconds": round(alone_cpu, 3)}
+                    if alone.failures:
+                        result.problems.append(f"storm alone: {alone.failures} failures")
+                    continue
+                watched = watched_storm(
+                    server, topology, plan.watchers, plan.watch_moves, plan.watch_move_gap
+                )
+                run["watched"] = {**watched.details, **watched.figures}
+                result.add(watched.figures)
+                result.problems.extend(watched.problems)
+        slower = run["watched"]["storm_seconds"] / run["alone"]["seconds"] - 1
+        run["storm_slower_pct"] = round(100 * slower, 1)
+        result.add(
+            {"storm_alone_seconds": run["alone"]["seconds"], "storm_slower_pct": 100 * slower}
+        )
+        result.runs.append(run)
+    return result
+
+
 PHASES: dict[str, Phase] = {
     "startup": startup,
     "storm": storms,
@@ -339,6 +380,7 @@ PHASES: dict[str, Phase] = {
     "memory": memory,
     "waiters": waiters,
     "startup_wait": startup_wait,
+    "watchers": watchers,
 }
 
 

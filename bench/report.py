@@ -142,6 +142,7 @@ def rows(results: dict[str, PhaseResult], plan: Plan) -> list[Row]:
             )
         )
     out += _wait_rows(plan, stat, show)
+    out += _watch_rows(plan, stat, show)
     capped = stat("storm_capped", f"seconds_{plan.capped_ranks}_capped_{plan.capped_in_flight}")
     as_issue = (plan.capped_ranks, plan.capped_in_flight) == (512, 64)
     out.append(
@@ -279,6 +280,55 @@ def _wait_rows(
         )
     )
     return out
+
+
+def _watch_rows(
+    plan: Plan,
+    stat: Callable[[str, str], Stat | None],
+    show: Callable[[Stat | None, int, str], str],
+) -> list[Row]:
+    """Issue 14: delivery to N SSE watchers, the storm beside the same storm alone, RSS."""
+    as_issue = (plan.watchers, plan.watch_ranks, plan.watch_moves) == (1000, 512, 100)
+    n = f"{plan.watchers:,}"
+
+    def delivery(prefix: str) -> str:
+        return " / ".join(
+            show(stat("watchers", f"{prefix}delivery_{name}_ms"), 1, "ms")
+            for name in ("p50", "p99", "max")
+        )
+
+    p99, longest = stat("watchers", "delivery_p99_ms"), stat("watchers", "delivery_max_ms")
+    slower, rss = stat("watchers", "storm_slower_pct"), stat("watchers", "rss_connected_mb")
+    met = "-"
+    if as_issue and p99 and longest and p99.runs:
+        met = "yes" if p99.median <= 50 and longest.median <= 250 else "no"
+    return [
+        Row(
+            f"{n} SSE watchers, change acknowledged → event read: p50 / p99 / max",
+            f"all {delivery('')}; storm of {plan.watch_ranks} {delivery('storm_')}; "
+            f"{plan.watch_moves} moves {plan.watch_move_gap * 1000:g} ms apart "
+            f"{delivery('moves_')}",
+            "-",
+            "p99 ≤ 50 ms, max ≤ 250 ms" if as_issue else "-",
+            met,
+        ),
+        Row(
+            f"storm: {plan.watch_ranks} ranks with {n} watchers, against none",
+            f"{show(stat('watchers', 'storm_seconds'), 3, 's')} against "
+            f"{show(stat('watchers', 'storm_alone_seconds'), 3, 's')}: "
+            f"{show(slower, 1, '%')} slower",
+            "-",
+            "≤ 10% slower" if as_issue else "-",
+            _met(slower, lambda v: v <= 10) if as_issue else "-",
+        ),
+        Row(
+            f"server RSS with {n} watchers connected (after the storm and moves)",
+            f"{show(rss, 1, 'MB')} ({show(stat('watchers', 'rss_after_mb'), 1, 'MB')})",
+            "-",
+            "≤ 120 MB" if as_issue else "-",
+            _met(rss, lambda v: v <= 120) if as_issue else "-",
+        ),
+    ]
 
 
 def table(found: list[Row]) -> str:

@@ -47,6 +47,9 @@ class StormResult:
     slowest_connect_seconds: float = 0.0
     slow_connects: int = 0
     """Connections that took over 0.9 s to establish: a SYN the kernel had to retransmit."""
+    acked: list[float] = field(default_factory=list)
+    """Per rank (in ``Topology.cells()`` order), ``time.monotonic()`` when its 200 arrived; NaN
+    for a failed one. The watchers phase times event delivery from these."""
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -65,9 +68,10 @@ class StormResult:
 class _Rank:
     """One rank's connection: connecting, then waiting for its answer."""
 
-    __slots__ = ("began", "connected", "received", "request", "sock")
+    __slots__ = ("began", "connected", "index", "received", "request", "sock")
 
-    def __init__(self, request: bytes, address: tuple[str, int]) -> None:
+    def __init__(self, index: int, request: bytes, address: tuple[str, int]) -> None:
+        self.index = index
         self.request = request
         self.received = b""
         self.connected = 0.0
@@ -115,7 +119,8 @@ def storm(port: int, topology: Topology, in_flight: int | None = None) -> StormR
     failures: Counter[str] = Counter()
     finished: list[float] = []
     connects: list[float] = []
-    waiting = iter(requests)
+    waiting = iter(enumerate(requests))
+    acked = [float("nan")] * len(requests)
     open_ranks = 0
     start = time.perf_counter()
     deadline = start + REQUEST_TIMEOUT
@@ -123,10 +128,10 @@ def storm(port: int, topology: Topology, in_flight: int | None = None) -> StormR
     def launch() -> None:
         nonlocal open_ranks
         while open_ranks < window:
-            request = next(waiting, None)
-            if request is None:
+            item = next(waiting, None)
+            if item is None:
                 return
-            rank = _Rank(request, address)
+            rank = _Rank(*item, address)
             selector.register(rank.sock, selectors.EVENT_WRITE, rank)
             open_ranks += 1
 
@@ -139,6 +144,8 @@ def storm(port: int, topology: Topology, in_flight: int | None = None) -> StormR
         connects.append(rank.connected)
         if problem is not None:
             failures[problem] += 1
+        else:
+            acked[rank.index] = time.monotonic()
 
     launch()
     while open_ranks and time.perf_counter() < deadline:
@@ -172,6 +179,7 @@ def storm(port: int, topology: Topology, in_flight: int | None = None) -> StormR
         first_answer_seconds=finished[0],
         slowest_connect_seconds=max(connects),
         slow_connects=sum(seconds > SLOW_CONNECT for seconds in connects),
+        acked=acked,
     )
 
 

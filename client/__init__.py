@@ -18,6 +18,7 @@ __all__ = [
     "BootstrapClient",
     "BootstrapError",
     "ConfigurationError",
+    "Deregistered",
     "DistributedNotInitialized",
     "LeaseKeeper",
     "PortSyncFailed",
@@ -25,6 +26,7 @@ __all__ = [
     "RankRegistration",
     "RegistrationFailed",
     "RequestRejected",
+    "Resynced",
     "RetryPolicy",
     "ServerUnreachable",
     "TableIncomplete",
@@ -43,6 +45,8 @@ _HOME = {
     "RetryPolicy": "retry",
     "AsyncBootstrapClient": "http",
     "BootstrapClient": "http",
+    "Deregistered": "core",
+    "Resynced": "feed",
     "BootstrapError": "prefill_bootstrap.shared.errors",
     "ConfigurationError": "prefill_bootstrap.shared.errors",
     "DistributedNotInitialized": "prefill_bootstrap.shared.errors",
@@ -82,6 +86,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from prefill_bootstrap.client.addresses import bootstrap_url, resolve_bootstrap_host
     from prefill_bootstrap.client.bootstrap import bootstrap_prefill_rank
+    from prefill_bootstrap.client.core import Deregistered
+    from prefill_bootstrap.client.feed import Resynced
     from prefill_bootstrap.client.grid import render_table
     from prefill_bootstrap.client.http import AsyncBootstrapClient, BootstrapClient
     from prefill_bootstrap.client.lease import LeaseKeeper, stop_all_lease_keepers

@@ -64,7 +64,10 @@ def bootstrap_prefill_rank(
     ``share_auth_token``: rank 0's ``auth_token`` goes to every rank with the port (another
     collective), so only the leader needs the secret. ``keep_lease``: when the registration
     carries ``lease_seconds``, a background thread keeps renewing it (``LeaseKeeper``; stopped at
-    exit or by ``stop_all_lease_keepers()``).
+    exit or by ``stop_all_lease_keepers()``). Such a rank also deregisters its cell when the
+    interpreter exits normally (within 2 s, best effort), but not when an uncaught exception or a
+    signal ends it: then the lease runs out. A rank without a lease never deregisters by itself
+    (its cell stays until replaced, reset, or ``prefill-bootstrap deregister``).
     """
     port = sync_bootstrap_port(
         local_port, dist_init_addr=dist_init_addr, nnodes=nnodes, group=group

@@ -1,4 +1,5 @@
-"""The rank-side subcommands of ``prefill-bootstrap``: ``register``, ``wait`` and ``table``.
+"""The rank-side subcommands of ``prefill-bootstrap``: ``register``, ``wait`` and ``table``
+(``watch`` and ``deregister`` live in ``feed_commands.py`` and share these options).
 
 They live apart from ``cli.py`` (which owns the parser, ``serve`` and the exit codes) so each
 module stays one concept. Every registration field is a flag named as on the wire
@@ -89,12 +90,12 @@ def _client_options() -> argparse.ArgumentParser:
     return options
 
 
-def _usage(args: argparse.Namespace, message: str) -> NoReturn:
+def usage_error(args: argparse.Namespace, message: str) -> NoReturn:
     args.parser.error(message)  # exits 2
 
 
 @contextmanager
-def _logging_to_stderr(args: argparse.Namespace) -> Iterator[None]:
+def logging_to_stderr(args: argparse.Namespace) -> Iterator[None]:
     """Show the client's log lines (one per failed attempt) on stderr for this command only.
 
     A handler on our own logger, removed afterwards, rather than ``basicConfig``: that would be
@@ -123,10 +124,12 @@ def _settings(args: argparse.Namespace, kind: type[SettingsT]) -> SettingsT:
     try:
         return kind(**{name: value for name, value in given.items() if value is not None})
     except ValidationError as exc:
-        _usage(args, f"invalid option or PREFILL_BOOTSTRAP_* variable: {describe_invalid(exc)}")
+        usage_error(
+            args, f"invalid option or PREFILL_BOOTSTRAP_* variable: {describe_invalid(exc)}"
+        )
 
 
-def _client(args: argparse.Namespace) -> BootstrapClient:
+def client_for(args: argparse.Namespace) -> BootstrapClient:
     from prefill_bootstrap.client.http import BootstrapClient
     from prefill_bootstrap.client.settings import ClientSettings
 
@@ -140,7 +143,7 @@ def _client(args: argparse.Namespace) -> BootstrapClient:
             verify=settings.verify(),
         )
     except ConfigurationError as exc:
-        _usage(args, str(exc))
+        usage_error(args, str(exc))
 
 
 def _registration(args: argparse.Namespace) -> RankRegistration:
@@ -154,7 +157,9 @@ def _registration(args: argparse.Namespace) -> RankRegistration:
     for item in args.field or ():
         key, equals, value = item.partition("=")
         if not equals or not key:
-            _usage(args, f"--field {item!r}: write NAME=JSON, e.g. --field kv_layout='\"nhd\"'")
+            usage_error(
+                args, f"--field {item!r}: write NAME=JSON, e.g. --field kv_layout='\"nhd\"'"
+            )
         try:
             body[key] = json.loads(value)
         except ValueError:
@@ -162,12 +167,12 @@ def _registration(args: argparse.Namespace) -> RankRegistration:
     try:
         return RankRegistration.model_validate(body)
     except ValidationError as exc:
-        _usage(args, f"invalid registration: {describe_invalid(exc)}")
+        usage_error(args, f"invalid registration: {describe_invalid(exc)}")
 
 
 def _run_register(args: argparse.Namespace) -> int:
     registration = _registration(args)
-    with _client(args) as client, _logging_to_stderr(args):
+    with client_for(args) as client, logging_to_stderr(args):
         client.register(registration)
         print(
             f"registered cell {format_cell(registration.cell)} as "
@@ -180,7 +185,7 @@ def _run_wait(args: argparse.Namespace) -> int:
     from prefill_bootstrap.client.settings import WaitSettings
 
     timeout = _settings(args, WaitSettings).wait_timeout_seconds
-    with _client(args) as client, _logging_to_stderr(args):
+    with client_for(args) as client, logging_to_stderr(args):
         if args.json:
             print(client.wait_until_complete(timeout).model_dump_json(indent=2))
             return 0
@@ -197,7 +202,7 @@ def _run_wait(args: argparse.Namespace) -> int:
 
 
 def _run_table(args: argparse.Namespace) -> int:
-    with _client(args) as client, _logging_to_stderr(args):
+    with client_for(args) as client, logging_to_stderr(args):
         if args.watch:
             from prefill_bootstrap.client.live import watch_table
 
@@ -287,8 +292,12 @@ def _add_table(commands: Any, options: argparse.ArgumentParser) -> None:
 
 
 def add_rank_commands(commands: Any) -> None:
-    """Add ``register``, ``wait`` and ``table`` to the ``prefill-bootstrap`` subcommands."""
+    """Add ``register``, ``wait``, ``table``, ``watch`` and ``deregister`` to the
+    ``prefill-bootstrap`` subcommands."""
+    from prefill_bootstrap.client.feed_commands import add_feed_commands  # it imports this module
+
     options = _client_options()
     _add_register(commands, options)
     _add_wait(commands, options)
     _add_table(commands, options)
+    add_feed_commands(commands, options)

@@ -46,6 +46,7 @@ from prefill_bootstrap.shared.errors import (
     format_cell,
 )
 from prefill_bootstrap.shared.protocol import (
+    DEREGISTER_PATH,
     HEARTBEAT_PATH,
     INSTANCE_HEADER,
     READY_PATH,
@@ -53,10 +54,12 @@ from prefill_bootstrap.shared.protocol import (
     SERVER_INFO_QUERY,
     TABLE_PATH,
     Cell,
+    Deregistered,
     RankAddress,
     RankRegistration,
     ReadyReport,
     TableReport,
+    instance_of,
 )
 
 __all__ = [
@@ -65,6 +68,7 @@ __all__ = [
     "LONG_POLL_SECONDS",
     "Call",
     "Core",
+    "Deregistered",
     "Registration",
     "WaitPlan",
     "as_registration",
@@ -104,6 +108,10 @@ class Call(Generic[T]):
     not_found: Callable[[], BootstrapError] | None = None
     answers: frozenset[int] = frozenset()
     """Statuses besides 2xx that ``read`` understands (a 503 that means "not yet")."""
+    headers: dict[str, str] | None = None
+    stream: bool = False
+    """Hand ``read`` the response with its body still unread (the event stream): a failed
+    answer's body is read first, so ``respond`` can quote it."""
 
 
 @dataclass
@@ -183,6 +191,17 @@ class Core:
     def url(self, call: Call[Any]) -> str:
         return self.base_url + call.path
 
+    @staticmethod
+    def build(http: httpx.Client | httpx.AsyncClient, call: Call[Any]) -> httpx.Request:
+        return http.build_request(
+            call.method,
+            call.path,
+            params=call.params,
+            json=call.json,
+            headers=call.headers,
+            timeout=call.timeout,
+        )
+
     # -- the calls -------------------------------------------------------------------------------
 
     def register_call(
@@ -225,6 +244,35 @@ class Core:
                 "rank_port": reg.rank_port,
             },
             not_found=lambda: CellNotFound(cell),
+        )
+
+    def deregister_call(
+        self, cell: Cell, address: RankAddress, within: float | None = None
+    ) -> Call[Deregistered | None]:
+        """``POST /deregister``: the cell leaves the table if ``address`` holds it. Answers what
+        left, or None when the server holds no such cell (already gone: a retry whose first
+        answer was lost reads the same). ``within`` bounds the whole call, retries included (a
+        rank shutting down must not hang on a dead server)."""
+        policy, timeout = self.retry, self.timeout
+        if within is not None:
+            policy, timeout = self.retry.within(within), min(timeout, max(within, 0.1))
+        return Call(
+            "POST",
+            DEREGISTER_PATH,
+            action=f"deregister cell {format_cell(cell)} at {address.rank_ip}:{address.rank_port}",
+            noun="deregistration",
+            read=lambda response: _read_departure(response, self.base_url + DEREGISTER_PATH),
+            policy=policy,
+            timeout=httpx.Timeout(timeout),
+            json={
+                "dp": cell.dp,
+                "cp": cell.cp,
+                "tp": cell.tp,
+                "pp": cell.pp,
+                "rank_ip": address.rank_ip,
+                "rank_port": address.rank_port,
+            },
+            answers=frozenset({404}),
         )
 
     def lookup_call(self, cell: Cell) -> Call[RankAddress]:
@@ -414,8 +462,8 @@ class Core:
     # -- outcomes worth a log line ---------------------------------------------------------------
 
     def registered(self, reg: RankRegistration, instance_id: str | None) -> None:
-        if instance_id is not None:
-            self.registered_instance = instance_id
+        if instance_id is not None:  # the header is the incarnation: a move is no reset
+            self.registered_instance = instance_of(instance_id)
         log.info(
             "%s registered cell %s as %s:%d at %s.",
             self.who,
@@ -514,6 +562,16 @@ def _read_ready(response: httpx.Response) -> ReadyReport:
         if response.status_code == 503:  # not ours: a proxy's or a restarting server's 503
             raise Transient("status", f"HTTP 503: {_server_message(response)}", 503) from None
         raise
+
+
+def _read_departure(response: httpx.Response, url: str) -> Deregistered | None:
+    if response.status_code != 404:
+        return Deregistered.model_validate_json(response.content)
+    body = _body(response)
+    if isinstance(body, dict) and body.get("error") == "cell_not_found":
+        return None
+    # Not our "no such cell": a server without the route (an older release, SGLang's own).
+    raise UnexpectedAnswer(url, 404, "the server has no POST /deregister (an older release?)")
 
 
 def describe_invalid(exc: ValidationError) -> str:

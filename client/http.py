@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, TypeVar
 
 import httpx
@@ -19,10 +19,12 @@ from prefill_bootstrap.client.core import (
     LONG_POLL_SECONDS,
     Call,
     Core,
+    Deregistered,
     Registration,
     WaitPlan,
     describe_invalid,
 )
+from prefill_bootstrap.client.feed import DEFAULT_IDLE_TIMEOUT, Feed, Resynced, WatchItem
 from prefill_bootstrap.client.readiness import BUILTIN_POLL_SECONDS, Readiness
 from prefill_bootstrap.client.retry import DEFAULT_RETRY, RetryPolicy
 from prefill_bootstrap.shared.errors import BootstrapError, GroupReset, PortTableUnavailable
@@ -33,7 +35,9 @@ __all__ = [
     "LONG_POLL_SECONDS",
     "AsyncBootstrapClient",
     "BootstrapClient",
+    "Deregistered",
     "Readiness",
+    "Resynced",
     "describe_invalid",
 ]
 
@@ -82,13 +86,18 @@ class BootstrapClient:
         self._http.close()
 
     def _once(self, call: Call[T]) -> T:
+        request = self._core.build(self._http, call)
         try:
-            response = self._http.request(
-                call.method, call.path, params=call.params, json=call.json, timeout=call.timeout
-            )
+            response = self._http.send(request, stream=call.stream)
+            if call.stream and not response.is_success:
+                response.read()  # closes it too
         except httpx.HTTPError as exc:
             self._core.raise_for_transport(call, exc)
-        return self._core.respond(call, response)
+        try:
+            return self._core.respond(call, response)
+        except BaseException:
+            response.close()
+            raise
 
     def _run(self, call: Call[T]) -> T:
         retrying = call.policy.retrying(
@@ -129,6 +138,59 @@ class BootstrapClient:
         ``CellNotFound`` if the server forgot the cell, ``RequestRejected`` (409) if another
         address holds it now."""
         return self._run(self._core.heartbeat_call(registration))
+
+    def watch(
+        self, since: str | None = None, *, idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    ) -> Iterator[WatchItem]:
+        """The table's changes as they happen: ``TableEvent``s, and ``Resynced`` where events
+        could not be seen (see ``client/feed.py`` for the rules). Endless: it ends only with an
+        error, ``ServerUnreachable`` once reconnecting outlasts the retry policy, or the typed
+        error of a refusal (``RequestRejected`` for a 401).
+
+        ``since=None`` watches from now. To follow the table without missing a change, read it
+        first and watch from its position: ``t = client.table()`` then
+        ``watch(since=f"{t.stream}:{t.seq}")``; the first ``Resynced`` carries a fresh table too.
+        ``idle_timeout``: seconds without a byte (keep-alives included) before reconnecting."""
+        feed = Feed(self._core, since, idle_timeout)
+        while True:
+            time.sleep(feed.pause())
+            if feed.must_resync():
+                yield self._run(feed.table_call())
+                continue
+            response = self._run(feed.open_call())
+            if response is None:
+                continue
+            broken: httpx.HTTPError | None = None
+            try:
+                for chunk in response.iter_bytes():
+                    yield from feed.take(chunk)
+                    if feed.resync is not None:
+                        break
+            except httpx.HTTPError as exc:
+                broken = exc
+            finally:
+                response.close()
+            feed.ended(broken)
+
+    def deregister(
+        self,
+        dp: int,
+        cp: int,
+        tp: int,
+        pp: int,
+        *,
+        rank_ip: str,
+        rank_port: int,
+        within: float | None = None,
+    ) -> Deregistered | None:
+        """``POST /deregister``: take this rank's cell out of the table (the server removes it
+        only if ``rank_ip:rank_port`` holds it). What left, or None if the cell was not
+        registered (already gone). ``RequestRejected`` 409 names the address that holds it now.
+        ``within`` bounds the call, retries included."""
+        call = self._core.deregister_call(
+            Cell(dp, cp, tp, pp), RankAddress(rank_ip=rank_ip, rank_port=rank_port), within
+        )
+        return self._run(call)
 
     def lookup(self, dp: int, cp: int, tp: int, pp: int) -> RankAddress:
         """The address of one cell (``GET /route``); retried while the table is incomplete."""
@@ -242,13 +304,18 @@ class AsyncBootstrapClient:
         await self._http.aclose()
 
     async def _once(self, call: Call[T]) -> T:
+        request = self._core.build(self._http, call)
         try:
-            response = await self._http.request(
-                call.method, call.path, params=call.params, json=call.json, timeout=call.timeout
-            )
+            response = await self._http.send(request, stream=call.stream)
+            if call.stream and not response.is_success:
+                await response.aread()  # closes it too
         except httpx.HTTPError as exc:
             self._core.raise_for_transport(call, exc)
-        return self._core.respond(call, response)
+        try:
+            return self._core.respond(call, response)
+        except BaseException:
+            await response.aclose()
+            raise
 
     async def _run(self, call: Call[T]) -> T:
         retrying = call.policy.async_retrying(
@@ -263,6 +330,49 @@ class AsyncBootstrapClient:
 
     async def heartbeat(self, registration: Registration) -> float | None:
         return await self._run(self._core.heartbeat_call(registration))
+
+    async def watch(
+        self, since: str | None = None, *, idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    ) -> AsyncIterator[WatchItem]:
+        """See ``BootstrapClient.watch``. Leaving the loop early, close the iterator
+        (``contextlib.aclosing``) so the connection closes at once."""
+        feed = Feed(self._core, since, idle_timeout)
+        while True:
+            await asyncio.sleep(feed.pause())
+            if feed.must_resync():
+                yield await self._run(feed.table_call())
+                continue
+            response = await self._run(feed.open_call())
+            if response is None:
+                continue
+            broken: httpx.HTTPError | None = None
+            try:
+                async for chunk in response.aiter_bytes():
+                    for event in feed.take(chunk):
+                        yield event
+                    if feed.resync is not None:
+                        break
+            except httpx.HTTPError as exc:
+                broken = exc
+            finally:
+                await response.aclose()
+            feed.ended(broken)
+
+    async def deregister(
+        self,
+        dp: int,
+        cp: int,
+        tp: int,
+        pp: int,
+        *,
+        rank_ip: str,
+        rank_port: int,
+        within: float | None = None,
+    ) -> Deregistered | None:
+        call = self._core.deregister_call(
+            Cell(dp, cp, tp, pp), RankAddress(rank_ip=rank_ip, rank_port=rank_port), within
+        )
+        return await self._run(call)
 
     async def lookup(self, dp: int, cp: int, tp: int, pp: int) -> RankAddress:
         return await self._run(self._core.lookup_call(Cell(dp, cp, tp, pp)))

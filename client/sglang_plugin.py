@@ -20,6 +20,12 @@ Configuration is the environment the scheduler processes inherit, with the CLI's
 does not know), the plugin stops the process at load: SGLang's loader would log any other error
 and run stock, the silent hole this exists to close. SGLang is imported only once the plugin is
 on, inside ``load``, which only SGLang calls.
+
+At exit the plugin does nothing: SGLang's rows carry no lease, so no keeper runs, and nothing is
+sent while the interpreter shuts down (SGLang ends its scheduler processes with signals anyway,
+which run no exit hooks). A plugin rank's cell stays registered until a new rank takes it over (a
+``moved`` event; the incarnation changes), the table is reset, or an operator runs
+``prefill-bootstrap deregister``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """What the routes that are ours, not SGLang's, answer: readiness, the table, its reset, lease
-heartbeats and the metrics. Same signature as every answer (``routes.Answer``)."""
+heartbeats, deregistration and the metrics. Same signature as every answer (``routes.Answer``)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from prefill_bootstrap.service.metrics import render as render_metrics
 from prefill_bootstrap.service.registry import Registry
 from prefill_bootstrap.service.replies import Reply, invalid_reply
 from prefill_bootstrap.service.report import readiness, table_report
-from prefill_bootstrap.shared.protocol import Heartbeat
+from prefill_bootstrap.shared.protocol import Deregistration, Heartbeat
 
-__all__ = ["heartbeat", "metrics", "port_table", "ready", "reset"]
+__all__ = ["deregister", "heartbeat", "metrics", "port_table", "ready", "reset"]
 
 
 def ready(registry: Registry, query: bytes, body: bytes) -> Reply:
@@ -43,6 +43,27 @@ def heartbeat(registry: Registry, query: bytes, body: bytes) -> Reply:
     except ValidationError as exc:
         return invalid_reply(exc, "body")
     return Reply(200, orjson.dumps({"lease_expires_at": registry.group.renew(beat)}))
+
+
+async def deregister(registry: Registry, query: bytes, body: bytes) -> Reply:
+    """``POST /deregister``: a rank takes its own cell out, answered once durable
+    (``NothingToDeregister`` 404 and ``AddressMismatch`` 409 are answered by their own status)."""
+    try:
+        leaving = Deregistration.model_validate_json(body)
+    except ValidationError as exc:
+        return invalid_reply(exc, "body")
+    group = registry.group
+    removal = await group.deregister(leaving)
+    table = group.table
+    answer = {
+        "cell": list(removal.cell),
+        "address": {"rank_ip": removal.address.rank_ip, "rank_port": removal.address.rank_port},
+        "registered": table.registered_count,
+        "expected": table.expected_count,
+        "complete": table.is_complete,
+        "incarnation": group.incarnation,
+    }
+    return Reply(200, orjson.dumps(answer))
 
 
 def metrics(registry: Registry, query: bytes, body: bytes) -> Reply:

@@ -71,6 +71,19 @@ def add_serve_command(commands: Any) -> None:
         choices=["auto", "1", "2", "3"],
         help="SGLang bootstrap protocol generation: auto (default) detects it per request",
     )
+    serve.add_argument(
+        "--event-history", type=int, help="table events kept for watchers that resume (4096)"
+    )
+    serve.add_argument(
+        "--keepalive-seconds",
+        type=float,
+        help="keep-alive comment interval on idle event streams, at most 30 (15)",
+    )
+    serve.add_argument(
+        "--watcher-buffer-bytes",
+        type=int,
+        help="unsent event bytes after which a stalled watcher is dropped (1048576)",
+    )
     serve.add_argument("--ssl-certfile", help="serve HTTPS with this PEM certificate")
     serve.add_argument("--ssl-keyfile", help="the certificate's PEM private key")
     serve.set_defaults(run=_run_serve)
@@ -90,7 +103,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         "max_body_bytes", "max_wait_seconds", "max_cells", "max_header_bytes",
         "header_timeout", "backlog", "accept_limit", "log_level",
         "access_log", "log_format", "auth_token", "auth_reads", "ssl_certfile", "ssl_keyfile",
-        "protocol",
+        "protocol", "event_history", "keepalive_seconds", "watcher_buffer_bytes",
     )  # fmt: skip
     overrides = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
     if isinstance(overrides.get("state_dir"), str) and overrides["state_dir"]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from prefill_bootstrap.service.group import PortGroup
 from prefill_bootstrap.service.waiters import OnWake, Parked, Waiters
+from prefill_bootstrap.shared.protocol import instance_of
 
 __all__ = ["CompletionWaits"]
 
@@ -28,10 +29,12 @@ class CompletionWaits:
     def must_wait(self, seconds: float, instance: str | None = None) -> bool:
         """Whether a long poll asking to wait ``seconds`` has anything to wait for. One about
         another ``instance`` than the group's (its rank registered before a reset) has not:
-        it is answered at once, so the rank learns of the reset."""
+        it is answered at once, so the rank learns of the reset. An incarnation of the group's
+        instance (the header a rank saw, ``<instance>.<n>``) is that instance: a move is no
+        reset."""
         if self._closing or seconds <= 0 or self.max_wait_seconds <= 0:
             return False
-        if instance is not None and instance != self.group.instance_id:
+        if instance is not None and instance_of(instance) != self.group.instance_id:
             return False
         self.group.expire_leases()  # a lease that ran out since the last sweep counts as missing
         return not self.group.table.is_complete

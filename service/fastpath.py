@@ -13,21 +13,38 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from prefill_bootstrap.service.event_stream import EventStream
 from prefill_bootstrap.service.pipeline import Pipeline, Receive
 from prefill_bootstrap.service.registry import Registry
-from prefill_bootstrap.service.replies import Reply
+from prefill_bootstrap.service.replies import Reply, send_reply
 from prefill_bootstrap.service.routes import ROUTES
 
-__all__ = ["INSTANCE_HEADER", "FrontDoor"]
+__all__ = ["INSTANCE_HEADER", "FrontDoor", "instance_header"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
 
 INSTANCE_HEADER = b"x-sglang-disaggregation-instance-id"
+
+
+def instance_header(registry: Registry, method: str) -> bytes:
+    """The ``X-SGLang-Disaggregation-Instance-ID`` value of an answer to ``method``.
+
+    A read's answer carries the incarnation: what a decode caches comes from reads, and the
+    incarnation changes exactly when such an answer may have gone stale (a reset, a cell that
+    moved or left). A write's acknowledgement carries the group's instance id, the group the
+    write landed in: the previous release's rank client compares its ``PUT /route``
+    acknowledgement's header with ``/ready``'s ``instance_id``, and would take the first move in
+    its group for a reset and re-register until its wait ran out."""
+    group = registry.group
+    return (group.incarnation if method in _READS else group.instance_id).encode()
+
+
 """The header SGLang discussed for "the prefill behind this address was replaced"."""
 
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_READS = frozenset({"GET", "HEAD"})
 
 
 class BodyTooLarge(Exception):
@@ -121,41 +138,33 @@ class FrontDoor(Pipeline):
         declared = _content_length(scope) if with_body else None
         refusal = self.gate(route, method, path, scope["headers"], scope.get("client"), declared)
         if refusal is not None:
-            return await self._send(send, refusal)
+            return await self._send(send, refusal, method)
         body = b""
         if with_body:
             try:
                 body = await _read_body(receive, self.max_body_bytes, None)
             except BodyTooLarge:
-                return await self._send(send, self.too_large())
+                return await self._send(send, self.too_large(), method)
             except ClientGone:
                 return 499
             receive = _replay(body, receive)
         if route is None:
             refused = self.not_allowed(method, path)
             if refused is not None:
-                return await self._send(send, refused)
+                return await self._send(send, refused, method)
             return await self._forward(scope, receive, send)
         if not self.serve_hot_routes:
             return await self._forward(scope, receive, send)
-        outcome = self.dispatch(route, scope["query_string"], body)
-        return await self._send(send, await self.settle(outcome, receive, route))
+        outcome = self.dispatch(route, scope["query_string"], body, scope["headers"])
+        if type(outcome) is EventStream:
+            instance = (INSTANCE_HEADER, instance_header(self.registry, method))
+            return await outcome.run(scope, send, receive, (instance,))
+        return await self._send(send, await self.settle(outcome, receive, route), method)
 
-    async def _send(self, send: Send, reply: Reply) -> int:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": reply.status,
-                "headers": [
-                    (b"content-type", reply.content_type),
-                    (b"content-length", b"%d" % len(reply.body)),
-                    *reply.headers,
-                    (INSTANCE_HEADER, self.registry.group.instance_id.encode()),
-                ],
-            }
+    async def _send(self, send: Send, reply: Reply, method: str) -> int:
+        return await send_reply(
+            send, reply, (INSTANCE_HEADER, instance_header(self.registry, method))
         )
-        await send({"type": "http.response.body", "body": reply.body})
-        return reply.status
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send) -> int:
         status = 500
@@ -166,7 +175,7 @@ class FrontDoor(Pipeline):
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = list(message.get("headers", []))
-                headers.append((INSTANCE_HEADER, registry.group.instance_id.encode()))
+                headers.append((INSTANCE_HEADER, instance_header(registry, scope["method"])))
                 message = {**message, "headers": headers}
             await send(message)
 

@@ -4,7 +4,9 @@ This is the one place that changes what the server serves. Every change is plann
 table, written through the group-commit writer, and only then applied, so a change answered 503
 never reaches a decode and a restart finds exactly what was acknowledged. A reset is the same:
 the new instance is written first and the table swapped after, so a reset whose write fails
-changes nothing. Who else needs to know of a change (long polls, the rooms) subscribes.
+changes nothing. Who else needs to know of a change (long polls, the rooms) subscribes, and
+every change a watcher can see is published to the event log once applied (``table_events.py``
+drafts them), stamped with the incarnation it leaves: never for a change that did not persist.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import asyncio
 import logging
 from collections.abc import Callable, Hashable
 
+from prefill_bootstrap.service import table_events
+from prefill_bootstrap.service.event_log import EventLog
 from prefill_bootstrap.service.memory import release_free_memory
 from prefill_bootstrap.service.metrics import Metrics
 from prefill_bootstrap.service.store import (
@@ -22,9 +26,10 @@ from prefill_bootstrap.service.store import (
     StateStore,
     new_instance_id,
 )
-from prefill_bootstrap.service.table import Outcome, PortTable, Registered, Topology
+from prefill_bootstrap.service.table import Outcome, PortTable, Registered, Removal, Topology
+from prefill_bootstrap.service.table_events import Draft
 from prefill_bootstrap.shared.errors import StateStoreError, TopologyConflict, format_cell
-from prefill_bootstrap.shared.protocol import Cell, Heartbeat, RankRegistration
+from prefill_bootstrap.shared.protocol import Cell, Heartbeat, RankRegistration, incarnation_of
 
 __all__ = ["PortGroup"]
 
@@ -62,8 +67,10 @@ class PortGroup:
         max_cells: int,
         lease_sweep_seconds: float,
         reset: bool = False,
+        events: EventLog | None = None,
     ) -> None:
         self.store = store
+        self.events = events if events is not None else EventLog()
         self.metrics = metrics
         self.clock = clock
         self.lease_sweep_seconds = lease_sweep_seconds
@@ -72,6 +79,9 @@ class PortGroup:
         stored = store.load()
         _check_cell_cap(stored.snapshot.topology, max_cells, store)
         self.instance_id = stored.instance_id
+        self._address_changes = stored.address_changes
+        """Durable count of this instance's moves and removals (the store counts each one in
+        the transaction that writes it; this copy follows as each is applied)."""
         self.table = PortTable.restore(stored.snapshot, now=clock())
         self.writer = GroupCommitWriter(store)
         self._changed: list[Subscriber] = []
@@ -101,8 +111,24 @@ class PortGroup:
     @property
     def version(self) -> Hashable:
         """Changes whenever anything an answer shows can have changed, lease expiries included:
-        what cached answers are keyed by."""
-        return self.instance_id, self.table.version, self._renewals
+        what cached answers are keyed by (the table's answer shows the feed's position and the
+        incarnation too)."""
+        return (
+            self.instance_id,
+            self.table.version,
+            self._renewals,
+            self._address_changes,
+            self.events.stream,
+            self.events.latest,
+        )
+
+    @property
+    def incarnation(self) -> str:
+        """What ``X-SGLang-Disaggregation-Instance-ID`` carries: the instance id while no cell
+        of the group has changed address, else ``<instance_id>.<n>`` after n moves or removals.
+        A decode's cached addresses are stale exactly when it differs from the one they were
+        read under; expiry, renewal and new cells leave it (cached addresses still hold)."""
+        return incarnation_of(self.instance_id, self._address_changes)
 
     # -- changes -------------------------------------------------------------------------------
 
@@ -129,6 +155,8 @@ class PortGroup:
             record = table.conflict_of(conflict, registration, now)
             await self._persist([record])
             table.record_conflict(record)
+            if table is self.table:  # not a refusal to watch in a group reset meanwhile
+                self._publish(table_events.conflict(record))
             self._tell(self._changed)
             raise
         changes: list[Change] = []
@@ -142,6 +170,7 @@ class PortGroup:
         except BaseException:
             table.abandon(planned)
             raise
+        was_complete, was_expired = table.is_complete, table.is_expired(planned.cell)
         done = table.commit(planned)
         self.metrics.registrations[done.outcome.value] += 1
         if table is not self.table:
@@ -151,16 +180,27 @@ class PortGroup:
                 _address(registration.rank_ip, registration.rank_port),
             )
             return done
+        if done.outcome is Outcome.REPLACED:
+            self._address_changes += 1  # written with the replacement (store.py)
+        self._publish(
+            table_events.registered(done, was_expired)
+            + table_events.crossing(was_complete, table.is_complete)
+        )
         self._tell(self._changed)
         self._log_registration(done)
         return done
 
     def renew(self, heartbeat: Heartbeat) -> float | None:
         """A leased rank's heartbeat; kept in memory only, so it costs no disk write."""
-        was_expired = self.table.is_expired(heartbeat.cell)
-        expires_at = self.table.renew(heartbeat.cell, heartbeat.address, self.clock())
+        table = self.table
+        was_expired, was_complete = table.is_expired(heartbeat.cell), table.is_complete
+        expires_at = table.renew(heartbeat.cell, heartbeat.address, self.clock())
         self._renewals += 1  # the table's answer shows each cell's lease expiry
         if was_expired:
+            self._publish(
+                table_events.renewed(table.lookup(heartbeat.cell))
+                + table_events.crossing(was_complete, table.is_complete)
+            )
             log.info(
                 "Cell %s at %s is live again after its lease had expired.",
                 format_cell(heartbeat.cell),
@@ -170,6 +210,7 @@ class PortGroup:
         return expires_at
 
     def expire_leases(self) -> list[Cell]:
+        was_complete = self.table.is_complete
         expired = self.table.expire_leases(self.clock())
         for cell in expired:
             record = self.table.lookup(cell)
@@ -181,6 +222,10 @@ class PortGroup:
                 record.lease_seconds or 0.0,
             )
         if expired:
+            self._publish(
+                table_events.expired(self.table.lookup(cell) for cell in expired)
+                + table_events.crossing(was_complete, self.table.is_complete)
+            )
             self._tell(self._changed)
         return expired
 
@@ -198,8 +243,11 @@ class PortGroup:
         self._resets_in_flight += 1
         try:
             await self._persist([instance_id])
+            previous, was_complete = self.instance_id, self.table.is_complete
             self.table = PortTable()
             self.instance_id = instance_id
+            self._address_changes = 0
+            self._publish(table_events.reset(previous) + table_events.crossing(was_complete, False))
             self._tell(self._reset)
         finally:
             # Registrations are held until every reset in flight is written (two resets close
@@ -213,8 +261,55 @@ class PortGroup:
         log.warning("Reset the port table; new instance %s.", instance_id)
         return instance_id
 
+    async def deregister(self, heartbeat: Heartbeat) -> Removal:
+        """A rank takes its own cell out of the group (a clean shutdown): checked against the
+        address that holds the cell, durable, then applied. ``NothingToDeregister`` when the
+        cell is not registered, ``AddressMismatch`` when another address holds it."""
+        while self._resets_settled is not None:  # as register: plan against the group left
+            await asyncio.shield(self._resets_settled)
+        table = self.table  # as register: a reset meanwhile wipes the removal on disk too
+        removal = table.plan_removal(heartbeat.cell, heartbeat.address, self.clock())
+        try:
+            await self._persist([removal])
+        except BaseException:
+            table.abandon(removal)
+            raise
+        was_complete = table.is_complete
+        table.commit_removal(removal)
+        if table is not self.table:
+            return removal
+        self._address_changes += 1  # written with the removal (store.py)
+        self._publish(
+            table_events.removed(removal) + table_events.crossing(was_complete, table.is_complete)
+        )
+        self._tell(self._changed)
+        log.warning(
+            "Cell %s at %s deregistered (%s/%s cells); incarnation now %s.",
+            format_cell(removal.cell),
+            _address(removal.address.rank_ip, removal.address.rank_port),
+            table.registered_count,
+            table.expected_count,
+            self.incarnation,
+        )
+        return removal
+
     def close(self) -> None:
         self.writer.close()
+
+    def _publish(self, drafts: list[Draft]) -> None:
+        """Publish a change's events, each stamped with the instance and incarnation the change
+        left (call once the change is applied, before anyone is told)."""
+        for draft in drafts:
+            self.events.publish(
+                draft.kind,
+                instance_id=self.instance_id,
+                incarnation=self.incarnation,
+                cell=draft.cell,
+                address=draft.address,
+                previous=draft.previous,
+                address_version=draft.address_version,
+                detail=draft.detail,
+            )
 
     async def _persist(self, changes: list[Change]) -> None:
         await self.writer.submit_async(changes)

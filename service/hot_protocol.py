@@ -34,13 +34,14 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
-from prefill_bootstrap.service.fastpath import INSTANCE_HEADER, FrontDoor
+from prefill_bootstrap.service.fastpath import INSTANCE_HEADER, FrontDoor, instance_header
 from prefill_bootstrap.service.listener import Slot
 from prefill_bootstrap.service.pipeline import LongPoll
 from prefill_bootstrap.service.replies import Reply, error_reply
 from prefill_bootstrap.service.routes import Route
 from prefill_bootstrap.service.uvicorn_glue import STATUS_LINE, PendingCycle, UvicornHttpProtocol
 from prefill_bootstrap.service.waiters import Parked
+from prefill_bootstrap.service.watchers import ABORT_EXTENSION
 
 __all__ = ["hot_path_protocol"]
 
@@ -188,6 +189,7 @@ class _HotPathProtocol(UvicornHttpProtocol):
             # at once anyway, and a long poll (?wait=) must not pace everyone queued behind it.
             self._release_slot()
         if not self._take_hot_path():
+            self.lend_abort(ABORT_EXTENSION)  # before uvicorn hands the scope to the app
             super().on_headers_complete()
 
     def _take_hot_path(self) -> bool:
@@ -237,7 +239,7 @@ class _HotPathProtocol(UvicornHttpProtocol):
                 self._answer_later(outcome, route, started)  # type: ignore[arg-type]
                 return
             reply = outcome  # type: ignore[assignment]
-        self._write(reply)
+        self._write(reply, route.method)
         front.observe(route.method, route.path, reply.status, started)
         self.on_response_complete()
 
@@ -254,7 +256,7 @@ class _HotPathProtocol(UvicornHttpProtocol):
             return 0
         reply = self.front.after_wait(poll)
         self.front.observe(poll.route.method, poll.route.path, reply.status, started)
-        return self._finish(placeholder, reply)
+        return self._finish(placeholder, reply, poll.route.method)
 
     def _answer_later(self, answering: Awaitable[Reply], route: Route, started: float) -> None:
         task = self.loop.create_task(answering)  # type: ignore[arg-type]
@@ -283,16 +285,16 @@ class _HotPathProtocol(UvicornHttpProtocol):
         self.front.observe(route.method, route.path, reply.status, started)
         if self.transport.is_closing():
             return  # the client went away (a registration stands)
-        self._finish(placeholder, reply)
+        self._finish(placeholder, reply, route.method)
 
-    def _finish(self, placeholder: PendingCycle, reply: Reply) -> int:
-        written = self._write(reply)
+    def _finish(self, placeholder: PendingCycle, reply: Reply, method: str) -> int:
+        written = self._write(reply, method)
         if not placeholder.keep_alive:
             self.transport.close()
         self.on_response_complete()
         return written
 
-    def _write(self, reply: Reply) -> int:
+    def _write(self, reply: Reply, method: str) -> int:
         parts = [STATUS_LINE[reply.status]]
         for name, value in self.default_headers():
             parts += [name, b": ", value, b"\r\n"]
@@ -302,7 +304,7 @@ class _HotPathProtocol(UvicornHttpProtocol):
         ]  # fmt: skip
         for name, value in reply.headers:
             parts += [name, b": ", value, b"\r\n"]
-        instance = self.front.registry.group.instance_id.encode()
+        instance = instance_header(self.front.registry, method)
         parts += [INSTANCE_HEADER, b": ", instance, b"\r\n\r\n"]
         if len(reply.body) <= _JOIN_BODY_BYTES:
             self.transport.write(b"".join([*parts, reply.body]))

@@ -22,6 +22,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from prefill_bootstrap import __version__
+from prefill_bootstrap.shared.events import EVENT_KINDS, TableEvent
 
 if TYPE_CHECKING:
     from prefill_bootstrap.service.registry import Registry
@@ -50,9 +51,17 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registrations: Counter[str] = Counter()
+        self.events: Counter[str] = Counter()
+        """Table events published, by kind (the registry's event log subscription bumps it)."""
+        self.watchers_dropped = 0
+        """Event streams dropped for falling more than --watcher-buffer-bytes behind."""
         self.not_ready_responses = 0
         self.unauthorized = 0
         self.latency: dict[tuple[str, str], LatencyHistogram] = {}
+
+    def count_event(self, event: TableEvent) -> None:
+        """An event-log subscriber: events by kind, for the ``events`` counter family."""
+        self.events[event.kind] += 1
 
     def observe(self, route: str, method: str, seconds: float) -> None:
         key = (route, method)
@@ -89,6 +98,8 @@ class _RegistryCollector(Collector):
             ("rooms", "bootstrap_room entries currently held.", len(rooms)),
             ("parked_long_polls", "Requests waiting (?wait=) for the table to complete.",
              len(registry.waits)),
+            ("watchers", "Open event streams plus event long polls waiting for the next event.",
+             len(registry.watchers)),
         )  # fmt: skip
         for name, help_text, value in gauges:
             yield GaugeMetricFamily(p + name, help_text, value=value)
@@ -98,11 +109,19 @@ class _RegistryCollector(Collector):
         for outcome in REGISTRATION_OUTCOMES:
             outcomes.add_metric([outcome], metrics.registrations[outcome])
         yield outcomes
+        events = CounterMetricFamily(
+            f"{p}events", "Table events published to watchers, by kind.", labels=["kind"]
+        )
+        for kind in EVENT_KINDS:
+            events.add_metric([kind], metrics.events[kind])
+        yield events
         counters = (
             ("not_ready_responses", "503 answers served while the table was incomplete.",
              metrics.not_ready_responses),
             ("unauthorized_requests", "Requests refused for a missing or wrong token.",
              metrics.unauthorized),
+            ("watchers_dropped", "Event streams dropped for falling too far behind.",
+             metrics.watchers_dropped),
             ("room_evictions", "Room entries evicted by the capacity bound.", rooms.evicted),
             ("room_expirations", "Room entries dropped after their TTL.", rooms.expired),
             ("state_commits", "Durable state commits (one per group of writes).",

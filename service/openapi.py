@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from pydantic import BaseModel
 
+from prefill_bootstrap.service.event_stream import EventStream
 from prefill_bootstrap.service.http_errors import reply_response
 from prefill_bootstrap.service.pipeline import Pipeline
 from prefill_bootstrap.service.routes import TABLE, Route
@@ -67,9 +68,25 @@ def _openapi_extra(route: Route) -> dict[str, Any]:
     return extra
 
 
+class _StreamResponse(Response):
+    """An ``EventStream`` as the response FastAPI runs: it writes itself (the door in front
+    stamps the instance header on its start, as on every forwarded answer)."""
+
+    def __init__(self, stream: EventStream) -> None:
+        super().__init__()
+        self.stream = stream
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.stream.run(scope, send, receive)
+
+
 def _endpoint(front: Pipeline, route: Route) -> Any:
     async def endpoint(request: Request) -> Response:
-        outcome = front.dispatch(route, request.scope["query_string"], await request.body())
+        scope = request.scope
+        body = await request.body()
+        outcome = front.dispatch(route, scope["query_string"], body, scope["headers"])
+        if type(outcome) is EventStream:
+            return _StreamResponse(outcome)
         return reply_response(await front.settle(outcome, request.receive, route))
 
     endpoint.__name__ = f"{route.method.lower()}_{route.path.strip('/') or 'root'}"

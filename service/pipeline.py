@@ -18,8 +18,9 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, NamedTuple, cast
 
 from prefill_bootstrap.service.answers import query_params
+from prefill_bootstrap.service.event_stream import EventStream
 from prefill_bootstrap.service.registry import Registry
-from prefill_bootstrap.service.replies import Reply, error_reply, reply_for
+from prefill_bootstrap.service.replies import Reply, Waiting, error_reply, reply_for
 from prefill_bootstrap.service.routes import (
     ALLOWED,
     HOT,
@@ -29,6 +30,7 @@ from prefill_bootstrap.service.routes import (
     long_poll_seconds,
 )
 from prefill_bootstrap.service.waiters import OnWake, Parked
+from prefill_bootstrap.service.watching import accepts_event_stream
 from prefill_bootstrap.shared.errors import BootstrapError
 
 __all__ = ["LongPoll", "Outcome", "Pipeline", "Receive", "wait_while_connected"]
@@ -48,8 +50,10 @@ class LongPoll(NamedTuple):
     instance: str | None
 
 
-Outcome = Reply | LongPoll | Awaitable[Reply]
-"""What ``dispatch`` gives a door: an answer now, a wait, or an answer to await."""
+Outcome = Reply | LongPoll | Waiting | EventStream | Awaitable[Reply]
+"""What ``dispatch`` gives a door: an answer now, a wait for the table, an answer to await
+(while the client stays, for ``Waiting``), or an event stream to run (the ASGI doors only: no
+route that streams is hot)."""
 
 
 def _bearer_token(credentials: bytes) -> bytes:
@@ -74,6 +78,22 @@ async def wait_while_connected(
     finally:
         waiting.cancel()
         leaving.cancel()
+
+
+async def _unless_gone(answer: Awaitable[Reply], receive: Receive) -> Reply:
+    """Await ``answer`` unless the client leaves first: then it is cancelled (and unparks), and
+    the answer nobody will read is a 499."""
+    answering = asyncio.ensure_future(answer)
+    leaving = asyncio.ensure_future(_disconnect(receive))
+    try:
+        await asyncio.wait({answering, leaving}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        leaving.cancel()
+        if not answering.done():
+            answering.cancel()
+    if answering.cancelled():
+        return error_reply(499, "client_closed", "the client closed the connection")
+    return answering.result()
 
 
 async def _disconnect(receive: Receive) -> None:
@@ -123,9 +143,20 @@ class Pipeline:
             return self.too_large()
         return None
 
-    def dispatch(self, route: Route, query: bytes, body: bytes) -> Outcome:
-        """The declared answer to an admitted request, or the long poll to park first."""
+    def dispatch(
+        self,
+        route: Route,
+        query: bytes,
+        body: bytes,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+    ) -> Outcome:
+        """The declared answer to an admitted request, or the long poll to park first. Only a
+        route that can stream reads ``headers`` (whether SSE was asked for, ``Last-Event-ID``)."""
         try:
+            if route.stream is not None:
+                headers = list(headers)
+                if accepts_event_stream(headers):
+                    return route.stream(self.registry, query, headers)
             if route.long_poll:
                 params = query_params(query)
                 seconds = long_poll_seconds(params)
@@ -157,6 +188,8 @@ class Pipeline:
             await wait_while_connected(self.registry, outcome.seconds, outcome.instance, receive)
             return self.after_wait(outcome)
         try:
+            if type(outcome) is Waiting:
+                return await _unless_gone(outcome.answer, receive)
             return await outcome  # type: ignore[misc]
         except Exception as exc:
             return self.failed(route.method, route.path, exc)

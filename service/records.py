@@ -12,8 +12,12 @@ the ``*_from_*`` functions: the store's format is documented here and nowhere el
 
 Schema 2 of the store (the ``SCHEMA_VERSION`` in ``store.py``):
 
-- ``meta``: ``schema_version``, ``instance_id``, ``topology`` (``topology_json``);
-- ``cells``: one row per cell, the columns of ``CELL_COLUMNS`` (``cell_row``);
+- ``meta``: ``schema_version``, ``instance_id``, ``topology`` (``topology_json``),
+  ``address_changes`` (how often a cell of this instance moved or left: the incarnation's
+  counter, written in the transaction of the move or removal; absent, as state written by
+  earlier releases leaves it, reads as 0);
+- ``cells``: one row per cell, the columns of ``CELL_COLUMNS`` (``cell_row``); a deregistered
+  cell's row is deleted;
 - ``events``: ``kind`` ``"replacement"`` or ``"conflict"`` and a JSON ``body``
   (``replacement_json(deprecated_alias=False)`` or ``conflict_json``).
 """

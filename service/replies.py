@@ -8,7 +8,7 @@ whichever door served it, and pydantic's messages are cleaned and located in one
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import orjson
@@ -20,9 +20,11 @@ __all__ = [
     "JSON",
     "TEXT",
     "Reply",
+    "Waiting",
     "error_reply",
     "invalid_reply",
     "reply_for",
+    "send_reply",
     "validation_reply",
 ]
 
@@ -38,6 +40,32 @@ class Reply(NamedTuple):
     headers: tuple[tuple[bytes, bytes], ...] = ()
     """Headers beyond content type and length (the status page's ``cache-control``, a
     redirect's ``location``, a 405's ``allow``)."""
+
+
+class Waiting(NamedTuple):
+    """An answer that waits for something to happen (the change feed's long poll for the next
+    event): the doors await it while the client stays connected and abandon it (cancelled, so
+    it unparks) the moment the client leaves, unlike a write, which stands."""
+
+    answer: Awaitable[Reply]
+
+
+async def send_reply(
+    send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    reply: Reply,
+    *extra: tuple[bytes, bytes],
+) -> int:
+    """Write ``reply`` through an ASGI ``send``, ``extra`` headers last; its status, for the
+    metrics. The ASGI doors' one way to answer, so every answer is framed alike."""
+    headers = [
+        (b"content-type", reply.content_type),
+        (b"content-length", b"%d" % len(reply.body)),
+        *reply.headers,
+        *extra,
+    ]
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": reply.body})
+    return reply.status
 
 
 def error_reply(

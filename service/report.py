@@ -35,6 +35,9 @@ def table_report(registry: Registry) -> dict[str, Any]:
     per_row = topology.cells_per_row() if topology else 0
     return {
         "instance_id": registry.group.instance_id,
+        "incarnation": registry.group.incarnation,
+        "stream": registry.events.stream,
+        "seq": registry.events.latest,
         "complete": table.is_complete,
         "topology": topology_report(topology) if topology else None,
         "expected_cells": table.expected_count,

@@ -11,20 +11,24 @@ the token check, the metrics' route labels and the 405s of known paths. ``/docs`
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from annotated_types import Ge, Le
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel
 
-from prefill_bootstrap.service import additions, answers
+from prefill_bootstrap.service import additions, answers, watching
+from prefill_bootstrap.service.event_stream import EventStream
 from prefill_bootstrap.service.registry import Registry
-from prefill_bootstrap.service.replies import Reply, invalid_reply
+from prefill_bootstrap.service.replies import Reply, Waiting
 from prefill_bootstrap.service.ui_routes import ASSETS, asset, status_page_root
+from prefill_bootstrap.service.wait_param import WAIT_SECONDS, WaitSeconds, long_poll_seconds
+from prefill_bootstrap.shared.events import EventPage
 from prefill_bootstrap.shared.generations import Gen1Registration, Gen2Registration
 from prefill_bootstrap.shared.protocol import (
+    Deregistered,
+    Deregistration,
     DpRankQuery,
     DpRankRegistration,
     ErrorBody,
@@ -44,6 +48,8 @@ __all__ = [
     "Answer",
     "QueryParam",
     "Route",
+    "StreamAnswer",
+    "WaitSeconds",
     "access_of",
     "long_poll_seconds",
 ]
@@ -52,9 +58,13 @@ Access = Literal["write", "read", "probe"]
 """``write``: needs the token whenever one is configured. ``read``: needs it only with
 ``--auth-reads`` (unmodified SGLang decodes send none). ``probe``: never (liveness probes and the
 status page, which asks for the token itself)."""
-Answer = Callable[[Registry, bytes, bytes], "Reply | Awaitable[Reply]"]
+Answer = Callable[[Registry, bytes, bytes], "Reply | Awaitable[Reply] | Waiting"]
 """``(registry, raw query string, body) -> Reply``, or an awaitable of one (writes that must be
-durable first). A ``BootstrapError`` raised by an answer is answered by its own status."""
+durable first), or ``Waiting`` for one (a read that waits for something to happen: abandoned if
+its client leaves). A ``BootstrapError`` raised by an answer is answered by its own status."""
+StreamAnswer = Callable[[Registry, bytes, Sequence[tuple[bytes, bytes]]], "Reply | EventStream"]
+"""``(registry, raw query string, request headers) -> EventStream`` (or a ``Reply``: an error
+before any stream byte), for a request that asked for ``Accept: text/event-stream``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +85,9 @@ class Route:
     """Answered inside uvicorn's parser by the lean door (``hot_protocol.py``)."""
     long_poll: bool = False
     """Takes ``?wait=`` (and ``?instance=``): parked until the table completes, then answered."""
+    stream: StreamAnswer | None = None
+    """Answers ``Accept: text/event-stream`` requests with an event stream (others: ``answer``).
+    Never hot: only the ASGI doors can run a stream."""
     body: type[BaseModel] | Mapping[str, Any] | None = None
     """The request body's model (or JSON schema), for the docs; the answer validates it."""
     query: tuple[QueryParam, ...] = ()
@@ -82,28 +95,11 @@ class Route:
     """OpenAPI responses beyond those derived from the rest (401, 413, 422 and the like)."""
 
 
-WaitSeconds = Annotated[float, Ge(0), Le(3600)]
-"""``?wait=`` of the long polls: the one declaration the doors check and the docs show."""
-_WAIT_SECONDS: TypeAdapter[float] = TypeAdapter(WaitSeconds)
-
-
-def long_poll_seconds(params: Mapping[str, str]) -> float | Reply:
-    """How long a long poll may wait for the table to complete (0 when not asked), or the 422
-    naming ``query.wait``."""
-    raw = params.get("wait")
-    if raw is None:
-        return 0.0
-    try:
-        return _WAIT_SECONDS.validate_strings(raw)
-    except ValidationError as exc:
-        return invalid_reply(exc, "query", "wait")
-
-
 LONG_POLL_QUERY = (
     QueryParam(
         "wait",
         "long poll: answer as soon as complete, or after this many seconds",
-        {**_WAIT_SECONDS.json_schema(), "default": 0},
+        {**WAIT_SECONDS.json_schema(), "default": 0},
     ),
     QueryParam(
         "instance",
@@ -233,6 +229,48 @@ TABLE: tuple[Route, ...] = (
         responses={200: {"model": TableReport, "description": "the table"}},
     ),
     Route(
+        method="GET",
+        path="/prefill_port_table/events",
+        access="read",
+        answer=watching.poll,
+        stream=watching.stream,
+        summary="The table's change feed: Server-Sent Events (Accept: text/event-stream), "
+        "else a JSON long poll.",
+        query=(
+            QueryParam(
+                "since",
+                "the position after which to answer events: '<stream>:<seq>' (an SSE id, or a "
+                "table's stream and seq) or a bare seq of the current stream; absent: from now. "
+                "For SSE a Last-Event-ID header wins over it",
+            ),
+            QueryParam(
+                "wait",
+                "JSON long poll: when no event follows since, wait up to this many seconds for "
+                "the next (ignored by SSE, which streams until the server stops)",
+                {**WAIT_SECONDS.json_schema(), "default": 0},
+            ),
+        ),
+        responses={
+            200: {
+                "model": EventPage,
+                "description": "JSON: every event after since (resume with since=<stream>:<seq> "
+                "of this page). SSE (text/event-stream): 'retry: 2000', then per event 'id: "
+                "<stream>:<seq>', 'event: <kind>', 'data: <TableEvent JSON>', and ': keep-alive' "
+                "comments while idle",
+                "content": {"text/event-stream": {}},
+            },
+            410: _error(
+                "history_gone: since/Last-Event-ID is older than the history held, ahead of it "
+                "or from another server run; re-read GET /prefill_port_table and watch from its "
+                "stream and seq"
+            ),
+            422: _error(
+                "validation_error: query.since or header.last-event-id is not a position, or "
+                "query.wait is not a number from 0 to 3600"
+            ),
+        },
+    ),
+    Route(
         method="DELETE",
         path="/prefill_port_table",
         access="write",
@@ -251,6 +289,20 @@ TABLE: tuple[Route, ...] = (
             200: {"description": '{"lease_expires_at": <unix seconds>}'},
             404: _error("cell_not_found: the cell is not registered: register"),
             409: _error("lease_not_held: another address holds the cell now"),
+        },
+    ),
+    Route(
+        method="POST",
+        path="/deregister",
+        access="write",
+        answer=additions.deregister,
+        summary="A rank takes its own cell out of the group (a clean shutdown); durable first.",
+        body=Deregistration,
+        responses={
+            200: {"model": Deregistered, "description": "the cell is gone; /ready answers 503"},
+            404: _error("cell_not_found: the cell is not registered (already gone)"),
+            409: _error("address_mismatch: another address holds the cell now"),
+            503: _error("state_not_durable: could not be made durable; retry"),
         },
     ),
     Route(

@@ -81,8 +81,12 @@ class BootstrapServer(UvicornServer):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """Parked long polls answer first, with the table as it stands: a rank then hears
-        "not yet" and retries elsewhere, rather than waiting out the shutdown's deadline."""
-        self.config.app.registry.waits.release()
+        "not yet" and retries elsewhere, rather than waiting out the shutdown's deadline. Event
+        streams end now too (uvicorn waits for open connections, and a stream never ends by
+        itself); a watcher reconnects with Last-Event-ID to wherever the server comes back."""
+        registry = self.config.app.registry
+        registry.waits.release()
+        registry.watchers.close()
         await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -103,13 +107,15 @@ def prepare(
     shown = f"[{host}]" if ":" in host else host
     registry = app.registry
     log.info(
-        "prefill-bootstrap listening on %s://%s:%d (state: %s%s, instance %s, %d/%s cells%s).",
+        "prefill-bootstrap listening on %s://%s:%d (state: %s%s, instance %s, incarnation %s, "
+        "%d/%s cells%s).",
         settings.scheme,
         shown,
         port,
         registry.group.store.kind,
         f" in {settings.state_dir}" if settings.state_dir else "",
         registry.group.instance_id,
+        registry.group.incarnation,
         registry.group.table.registered_count,
         registry.group.table.expected_count,
         ", writes need the bearer token" if settings.auth_token else "",

@@ -95,6 +95,22 @@ class ServerSettings(BaseSettings):
     lease_sweep_seconds: Annotated[float, Field(gt=0)] = Field(
         1.0, description="how often expired rank leases are looked for"
     )
+    event_history: Annotated[int, Field(ge=16, le=1 << 20)] = Field(
+        4096,
+        description="table events kept for watchers that resume (GET "
+        "/prefill_port_table/events); an older position is answered 410 and re-reads the table",
+    )
+    keepalive_seconds: Annotated[float, Field(gt=0, le=30)] = Field(
+        15.0,
+        description="an idle event stream gets a keep-alive comment this often, so proxies that "
+        "cut idle connections leave it open; at most 30, since watch clients take 60 s of "
+        "silence for a dead connection and reconnect",
+    )
+    watcher_buffer_bytes: Annotated[int, Field(ge=4096, le=1 << 30)] = Field(
+        1 << 20,
+        description="event bytes one watcher may have waiting to be sent; a watcher that does "
+        "not drain more than this is dropped, so a stalled one holds no more memory",
+    )
 
     _blank_token_is_none = field_validator("auth_token", mode="before")(blank_is_none)
 

@@ -43,6 +43,7 @@ from prefill_bootstrap.service.table import (
     HISTORY_LIMIT,
     CellRecord,
     Conflict,
+    Removal,
     Replacement,
     Snapshot,
     Topology,
@@ -76,6 +77,9 @@ def new_instance_id() -> str:
 class StoredState:
     instance_id: str
     snapshot: Snapshot
+    address_changes: int = 0
+    """Cells of this instance moved to another address or removed, ever: the incarnation's
+    counter (``PortGroup.incarnation``)."""
 
 
 @dataclass(frozen=True)
@@ -86,8 +90,14 @@ class Checkpoint:
 
 CHECKPOINT = Checkpoint()
 
-Change = Topology | CellRecord | Replacement | Conflict | Checkpoint | str
-"""A topology, cell, history entry, a new instance id (a reset), or a checkpoint request."""
+Change = Topology | CellRecord | Replacement | Removal | Conflict | Checkpoint | str
+"""A topology, cell, history entry, a removed cell, a new instance id (a reset), or a checkpoint
+request. Every ``Replacement`` and ``Removal`` written also counts one address change, in the
+same transaction: a store that has the move has the count, and never the count without it."""
+
+
+def _changes_address(change: Change) -> bool:
+    return isinstance(change, Replacement | Removal)
 
 
 class StateStore(ABC):
@@ -119,6 +129,7 @@ class MemoryStore(StateStore):
         self._cells: dict[Cell, CellRecord] = {}
         self._replacements: list[Replacement] = []
         self._conflicts: list[Conflict] = []
+        self._address_changes = 0
 
     def load(self) -> StoredState:
         snapshot = Snapshot(
@@ -127,10 +138,12 @@ class MemoryStore(StateStore):
             tuple(self._replacements[-HISTORY_LIMIT:]),
             tuple(self._conflicts[-HISTORY_LIMIT:]),
         )
-        return StoredState(self._instance_id, snapshot)
+        return StoredState(self._instance_id, snapshot, self._address_changes)
 
     def write(self, changes: Sequence[Change]) -> None:
         for change in changes:
+            if _changes_address(change):
+                self._address_changes += 1
             if isinstance(change, str):
                 self._clear(change)
             elif isinstance(change, Topology):
@@ -141,6 +154,8 @@ class MemoryStore(StateStore):
                 self._replacements.append(change)
             elif isinstance(change, Conflict):
                 self._conflicts.append(change)
+            elif isinstance(change, Removal):
+                self._cells.pop(change.cell, None)
 
 
 # -- SQLite ------------------------------------------------------------------------------------
@@ -166,6 +181,11 @@ _INSERT_CELL = (
     f"VALUES ({', '.join('?' for _ in CELL_COLUMNS)})"
 )
 _INSERT_EVENT = "INSERT INTO events (kind, body) VALUES (?, ?)"
+_DELETE_CELL = "DELETE FROM cells WHERE dp = ? AND cp = ? AND tp = ? AND pp = ?"
+_COUNT_ADDRESS_CHANGE = (
+    "INSERT INTO meta VALUES ('address_changes', '1') "
+    "ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+)
 
 
 def _dumps(value: Any) -> str:
@@ -265,7 +285,8 @@ class SqliteStore(StateStore):
                     (kind, HISTORY_LIMIT),
                 ).fetchall()
                 history[kind] = [orjson.loads(row["body"]) for row in reversed(rows)]
-        except (sqlite3.Error, orjson.JSONDecodeError, TypeError, KeyError) as exc:
+            address_changes = int(meta.get("address_changes", 0))
+        except (sqlite3.Error, orjson.JSONDecodeError, TypeError, KeyError, ValueError) as exc:
             raise StateStoreError(
                 f"the state database {self.path} is unreadable ({exc}); {RESET_REMEDY}"
             ) from exc
@@ -275,7 +296,7 @@ class SqliteStore(StateStore):
             tuple(replacement_from_json(body) for body in history["replacement"]),
             tuple(conflict_from_json(body) for body in history["conflict"]),
         )
-        return StoredState(meta["instance_id"], snapshot)
+        return StoredState(meta["instance_id"], snapshot, address_changes)
 
     def write(self, changes: Sequence[Change]) -> None:
         db = self._db
@@ -284,6 +305,8 @@ class SqliteStore(StateStore):
             for change in changes:
                 if isinstance(change, Checkpoint):
                     continue
+                if _changes_address(change):
+                    db.execute(_COUNT_ADDRESS_CHANGE)
                 if isinstance(change, str):
                     db.execute("DELETE FROM cells")
                     db.execute("DELETE FROM events")
@@ -302,6 +325,8 @@ class SqliteStore(StateStore):
                 elif isinstance(change, Replacement):
                     body = replacement_json(change, deprecated_alias=False)
                     db.execute(_INSERT_EVENT, ("replacement", _dumps(body)))
+                elif isinstance(change, Removal):
+                    db.execute(_DELETE_CELL, tuple(change.cell))
                 else:
                     db.execute(_INSERT_EVENT, ("conflict", _dumps(conflict_json(change))))
             db.execute("COMMIT")

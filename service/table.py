@@ -14,7 +14,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from prefill_bootstrap.shared.errors import CellNotFound, LeaseNotHeld, TopologyConflict
+from prefill_bootstrap.shared.errors import (
+    AddressMismatch,
+    CellNotFound,
+    LeaseNotHeld,
+    NothingToDeregister,
+    TopologyConflict,
+)
 from prefill_bootstrap.shared.protocol import (
     OPTIONAL_INFO_KEYS,
     Cell,
@@ -28,6 +34,7 @@ __all__ = [
     "Outcome",
     "PortTable",
     "Registered",
+    "Removal",
     "Replacement",
     "Snapshot",
     "Topology",
@@ -222,6 +229,22 @@ class Replacement:
     at: float
 
 
+@dataclass(frozen=True, eq=False)
+class Removal:
+    """A rank deregistered its cell: the cell is gone (and the group's address changes counted
+    once more). Compared by identity: a plan in flight is told apart from an equal later one."""
+
+    cell: Cell
+    record: CellRecord
+    """The record removed: its address is the one that left."""
+    was_expired: bool
+    at: float
+
+    @property
+    def address(self) -> RankAddress:
+        return self.record.address
+
+
 @dataclass(frozen=True)
 class Conflict:
     field: str
@@ -252,6 +275,10 @@ class Registered:
     registration of a storm, however the acknowledgements are batched afterwards."""
     replacement: Replacement | None = None
     """The history entry a REPLACED registration adds once committed."""
+
+    @property
+    def cell(self) -> Cell:
+        return self.record.cell
 
 
 @dataclass(frozen=True)
@@ -284,7 +311,8 @@ class PortTable:
         """One byte per expected cell, in ``Topology.cells()`` order: 1 when registered and
         live. Missing cells are found by the C-speed ``bytearray.find``, not a Python scan."""
         self._pending_topology: Topology | None = None
-        self._pending_cells: dict[Cell, CellRecord] = {}
+        self._pending_cells: dict[Cell, CellRecord | Removal] = {}
+        """What the plans in flight leave in each cell: a record, or a removal (a tombstone)."""
         self._in_flight = 0
 
     # -- changes -------------------------------------------------------------------------------
@@ -318,7 +346,7 @@ class PortTable:
 
         extra = dict(registration.model_extra or {})
         lease = registration.lease_seconds
-        previous = self._pending_cells.get(cell) or self._cells.get(cell)
+        previous = self._planned(cell)
         replacement = None
         if previous is None:
             outcome = Outcome.NEW
@@ -406,19 +434,60 @@ class PortTable:
             index = (cell.dp * topology.attn_cp_size + cell.cp) * topology.attn_tp_size + cell.tp
             self._live[index * topology.pp_size + cell.pp] = live
 
-    def abandon(self, planned: Registered) -> None:
+    def abandon(self, planned: Registered | Removal) -> None:
         """Forget a plan that could not be made durable: nothing of it is ever served."""
         self._settle(planned)
 
-    def _settle(self, planned: Registered) -> None:
-        cell = planned.record.cell
-        if self._pending_cells.get(cell) is planned.record:
+    def _settle(self, planned: Registered | Removal) -> None:
+        cell = planned.cell
+        pending = planned if isinstance(planned, Removal) else planned.record
+        if self._pending_cells.get(cell) is pending:
             del self._pending_cells[cell]
         self._in_flight -= 1
         if self._in_flight <= 0:
             self._in_flight = 0
             self._pending_topology = None
             self._pending_cells.clear()
+
+    def remove(self, cell: Cell, address: RankAddress, now: float) -> Removal:
+        """Plan and commit a removal at once: for callers with nothing to make durable between."""
+        return self.commit_removal(self.plan_removal(cell, address, now))
+
+    def plan_removal(self, cell: Cell, address: RankAddress, now: float) -> Removal:
+        """What deregistering ``cell`` from ``address`` would do, without serving it yet.
+
+        Checked like a registration's plan, against the committed table and the plans in flight
+        (a cell a registration in flight moves is held by its new address already). Raises
+        ``NothingToDeregister`` when nobody holds the cell, ``AddressMismatch`` when another
+        address does: only the rank registered there may take the cell out of the group."""
+        record = self._planned(cell)
+        if record is None:
+            raise NothingToDeregister(cell)
+        if record.address != address:
+            raise AddressMismatch(cell, record.address, address)
+        removal = Removal(cell, record, cell in self._expired, now)
+        self._pending_cells[cell] = removal
+        self._in_flight += 1
+        return removal
+
+    def commit_removal(self, removal: Removal) -> Removal:
+        """Serve a removal that is now durable: the cell counts as missing, not as expired."""
+        self._settle(removal)
+        cell = removal.cell
+        if self._cells.pop(cell, None) is None:
+            return removal  # gone already (a reset's new table): nothing to serve
+        self._renewed_at.pop(cell, None)
+        self._set_live(cell, False)
+        self._expired.discard(cell)  # missing now, no longer a registered cell whose lease ran out
+        self.version += 1
+        return removal
+
+    def _planned(self, cell: Cell) -> CellRecord | None:
+        """The cell as the committed table and the plans in flight leave it."""
+        if cell in self._pending_cells:
+            pending = self._pending_cells[cell]
+            return None if isinstance(pending, Removal) else pending
+        return self._cells.get(cell)
 
     def conflict_of(
         self, conflict: TopologyConflict, registration: RankRegistration, now: float

@@ -172,6 +172,14 @@ class UvicornHttpProtocol(HttpToolsProtocol):
     def drop_task(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)  # type: ignore[arg-type]
 
+    def lend_abort(self, extension: str) -> None:
+        """Put the connection's ``transport.abort`` in the ASGI scope of the request just parsed
+        (``scope["extensions"][extension]``), before uvicorn starts the app on it. ASGI has no
+        way to drop a connection, and ending a response politely waits for the client to read
+        it: an event stream whose reader stalled is aborted through this instead."""
+        extensions = self.scope.setdefault("extensions", {})  # type: ignore[typeddict-item]
+        extensions[extension] = self.transport.abort  # type: ignore[index]
+
     def default_headers(self) -> list[tuple[bytes, bytes]]:
         """The headers uvicorn puts on every answer (``date``, ``server``), kept current by
         its main loop."""
@@ -341,6 +349,12 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
         "hold the cycle slot while an answer is awaited (PendingCycle stands in for uvicorn's "
         "RequestResponseCycle)",
         _all(_uses(HttpToolsProtocol, "cycle", *_CYCLE), _uses(RequestResponseCycle, *_CYCLE)),
+    ),
+    TouchPoint(
+        f"{_PROTOCOL}.scope",
+        "lend the app a way to abort a stalled event stream's connection, in the scope built "
+        "in on_message_begin and handed to the app in on_headers_complete (lend_abort)",
+        _uses(HttpToolsProtocol, "scope", "transport"),
     ),
     TouchPoint(
         f"{_PROTOCOL}.tasks",

@@ -13,12 +13,16 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 __all__ = [
+    "AddressMismatch",
     "BootstrapError",
+    "CellHeldElsewhere",
     "CellNotFound",
     "ConfigurationError",
     "DistributedNotInitialized",
     "GroupReset",
+    "HistoryGoneError",
     "LeaseNotHeld",
+    "NothingToDeregister",
     "PortInUse",
     "PortSyncFailed",
     "PortTableUnavailable",
@@ -32,6 +36,7 @@ __all__ = [
     "TopologyNotAddressable",
     "UnexpectedAnswer",
     "UnsupportedSGLang",
+    "format_address",
     "format_cell",
 ]
 
@@ -42,6 +47,11 @@ def format_cell(cell: Sequence[int]) -> str:
     """Render a (dp, cp, tp, pp) cell the way logs and messages name it everywhere."""
     dp, cp, tp, pp = cell
     return f"(dp={dp}, cp={cp}, tp={tp}, pp={pp})"
+
+
+def format_address(ip: str, port: int) -> str:
+    """``ip:port``, with an IPv6 address bracketed (``[fd00::1]:41001``) so the port reads apart."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def _summarise_cells(cells: Sequence[Sequence[int]], limit: int = 16) -> str:
@@ -178,21 +188,74 @@ class CellNotFound(BootstrapError):
         super().__init__(f"no rank registered cell {format_cell(cell)}")
 
 
-class LeaseNotHeld(BootstrapError):
-    """A heartbeat came from an address that no longer holds the cell."""
+class NothingToDeregister(CellNotFound):
+    """A deregistration of a cell nobody holds: the rank that asks treats it as already gone
+    (a retried deregistration whose first answer was lost reads the same)."""
+
+    hint = "; it is already gone, nothing to deregister"
+
+
+class CellHeldElsewhere(BootstrapError):
+    """A rank's request about its cell, while another address holds the cell: that rank took it
+    over since. Acting on it (renewing the lease, removing the cell) would act on a live rank's
+    behalf, so the request is refused and both addresses are named."""
 
     status = 409
-    kind = "lease_not_held"
 
-    def __init__(self, cell: Cell, holder: Any, offered: Any) -> None:
+    def __init__(self, cell: Cell, registered: Any, offered: Any) -> None:
         self.cell = cell
-        self.holder = holder
+        self.registered = registered
         self.offered = offered
         super().__init__(
-            f"cell {format_cell(cell)} is held by {holder.rank_ip}:{holder.rank_port}, not "
-            f"{offered.rank_ip}:{offered.rank_port}; this rank was replaced — stop its heartbeat "
-            "or register again"
+            f"cell {format_cell(cell)} is registered at "
+            f"{format_address(registered.rank_ip, registered.rank_port)}, not at "
+            f"{format_address(offered.rank_ip, offered.rank_port)}"
         )
+
+    def details(self) -> list[dict[str, Any]]:
+        def address(value: Any) -> dict[str, Any]:
+            return {"rank_ip": value.rank_ip, "rank_port": value.rank_port}
+
+        return [{"registered": address(self.registered), "offered": address(self.offered)}]
+
+
+class LeaseNotHeld(CellHeldElsewhere):
+    """A heartbeat came from an address that no longer holds the cell."""
+
+    kind = "lease_not_held"
+    hint = "; this rank was replaced: stop its heartbeat or register again"
+
+
+class AddressMismatch(CellHeldElsewhere):
+    """A deregistration from an address that does not hold the cell: removing it would take a
+    live rank out of the group."""
+
+    kind = "address_mismatch"
+    hint = "; only the rank registered at that address can deregister the cell"
+
+
+class HistoryGoneError(BootstrapError):
+    """A watcher asked to resume the change feed from a position the server cannot honour: older
+    than the events it still holds, ahead of the latest, or of another stream (the server
+    restarted). Replaying a partial history would hide changes, so the watcher is told to
+    resynchronise from the table instead."""
+
+    status = 410
+    kind = "history_gone"  # shared.events.HISTORY_GONE: the wire's one spelling of it
+
+    def __init__(self, position: str, stream: str, oldest: int, latest: int) -> None:
+        self.position = position
+        self.stream = stream
+        self.oldest = oldest
+        self.latest = latest
+        super().__init__(
+            f"event position {position!r} cannot be resumed: this server resumes only from "
+            f"{stream}:{oldest - 1} to {stream}:{latest} (older events are gone, or the server "
+            "restarted); re-read GET /prefill_port_table and watch from its stream and seq"
+        )
+
+    def details(self) -> list[dict[str, Any]]:
+        return [{"stream": self.stream, "oldest": self.oldest, "latest": self.latest}]
 
 
 class GroupReset(BootstrapError):

@@ -27,6 +27,8 @@ from pydantic import (
 
 __all__ = [
     "DEFAULT_PORT",
+    "DEREGISTER_PATH",
+    "EVENTS_PATH",
     "HEALTH_PATH",
     "HEARTBEAT_PATH",
     "INSTANCE_HEADER",
@@ -42,6 +44,8 @@ __all__ = [
     "Cell",
     "CellReport",
     "ConflictReport",
+    "Deregistered",
+    "Deregistration",
     "DpRankQuery",
     "DpRankRegistration",
     "ErrorBody",
@@ -53,6 +57,8 @@ __all__ = [
     "RowReport",
     "TableReport",
     "TopologyReport",
+    "incarnation_of",
+    "instance_of",
 ]
 
 DEFAULT_PORT = 8998
@@ -63,16 +69,33 @@ HEALTH_PATH = "/health"
 READY_PATH = "/ready"
 TABLE_PATH = "/prefill_port_table"
 HEARTBEAT_PATH = "/heartbeat"
+DEREGISTER_PATH = "/deregister"
 INSTANCE_HEADER = "x-sglang-disaggregation-instance-id"
-"""On every answer of our server: the group's instance (a reset makes a new one)."""
+"""On every answer of our server: the group's incarnation (``incarnation_of``): it changes on a
+reset and whenever a cell moves to another address or leaves, so a decode that compares it
+drops its cached addresses exactly when they may be stale."""
 MAX_BODY_BYTES = 1 << 20
 MAX_ROOM = (1 << 63) - 1
+EVENTS_PATH = "/prefill_port_table/events"
 SERVER_INFO_QUERY = {
     "prefill_dp_rank": "-1",
     "prefill_cp_rank": "-1",
     "target_tp_rank": "-1",
     "target_pp_rank": "-1",
 }
+
+
+def incarnation_of(instance_id: str, address_changes: int) -> str:
+    """The incarnation: the instance id while no cell of the group changed address, else
+    ``<instance_id>.<n>`` after n moves or removals (instance ids never hold a dot)."""
+    return instance_id if address_changes == 0 else f"{instance_id}.{address_changes}"
+
+
+def instance_of(incarnation: str) -> str:
+    """The stable group id an incarnation belongs to (``incarnation_of`` undone): a rank asks
+    whether the *group* was reset, which a cell moving does not do."""
+    return incarnation.partition(".")[0]
+
 
 OPTIONAL_INFO_KEYS = (
     "enable_dsa_cache_layer_split",
@@ -248,6 +271,22 @@ class Heartbeat(BaseModel):
         return RankAddress(rank_ip=self.rank_ip, rank_port=self.rank_port)
 
 
+class Deregistration(Heartbeat):
+    """``POST /deregister``: a rank takes its own cell out of the group (a clean shutdown). The
+    heartbeat's shape: the cell, and the address that must hold it."""
+
+
+class Deregistered(BaseModel):
+    """``POST /deregister``'s answer, once the removal is durable."""
+
+    cell: Cell
+    address: RankAddress = Field(description="the address that left")
+    registered: int = Field(description="cells registered now")
+    expected: int | None = Field(description="cells of the topology")
+    complete: bool = Field(description="false: the group lacks the cell that left")
+    incarnation: str = Field(description="X-SGLang-Disaggregation-Instance-ID from now on")
+
+
 class DpRankRegistration(BaseModel):
     """``POST /register_dp_rank``: which prefill dp rank serves a bootstrap room."""
 
@@ -365,7 +404,16 @@ class ReadyReport(BaseModel):
 class TableReport(BaseModel):
     """``GET /prefill_port_table``: the whole table for humans and scripts (a stable schema)."""
 
-    instance_id: str
+    instance_id: str = Field(description="the stable group id: only a reset changes it")
+    incarnation: str | None = Field(
+        None,
+        description="X-SGLang-Disaggregation-Instance-ID at this snapshot (null from servers "
+        "older than the change feed)",
+    )
+    stream: str | None = Field(
+        None, description="the change feed's run id at this snapshot: watch from <stream>:<seq>"
+    )
+    seq: int | None = Field(None, description="the last event this snapshot includes")
     complete: bool
     topology: TopologyReport | None
     expected_cells: int | None

@@ -19,7 +19,9 @@ WRITES = [
     ("POST", "/register_dp_rank", {"bootstrap_room": 1, "dp_rank": 0}),
     ("POST", "/heartbeat", {"dp": 0, "cp": 0, "tp": 0, "pp": 0, "rank_ip": "a", "rank_port": 1}),
     ("DELETE", "/prefill_port_table", None),
-]
+    ("POST", "/deregister", {"dp": 0, "cp": 0, "tp": 1, "pp": 0, "rank_ip": "10.0.0.1",
+                             "rank_port": 41000}),
+]  # fmt: skip
 READS = [
     ("GET", "/route?prefill_dp_rank=-1&prefill_cp_rank=-1&target_tp_rank=-1&target_pp_rank=-1"),
     ("GET", "/ready"),

@@ -49,6 +49,7 @@ def test_bench_smoke_runs_every_phase_without_errors(tmp_path: Path) -> None:
     phases = report["phases"]
     assert set(phases) == {
         "startup", "storm", "storm_capped", "steady_load", "memory", "waiters", "startup_wait",
+        "watchers",
     }  # fmt: skip
     assert all(not phase["problems"] for phase in phases.values())
     storm_runs = phases["storm"]["runs"] + phases["storm_capped"]["runs"]
@@ -58,6 +59,9 @@ def test_bench_smoke_runs_every_phase_without_errors(tmp_path: Path) -> None:
         assert all(run["server_affinity"] == [0] for run in phases["startup"]["runs"])
     for run in phases["waiters"]["runs"] + phases["startup_wait"]["runs"]:
         assert run["answered"] == run["waiters"] and not run["problems"]
+    (watched,) = phases["watchers"]["runs"]  # every watcher got every event once, in order:
+    assert watched["watched"]["events"] == 64 + 1 + 8  # registered, complete, moved (no problems)
+    assert watched["watched"]["delivery_pairs"] == 16 * (64 + 8)
     (run,) = phases["steady_load"]["runs"]
     for workload in ("route", "health", "dp_rank_pairs"):
         assert run[workload]["requests"] > 0

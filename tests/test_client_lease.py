@@ -101,6 +101,8 @@ from tests.conftest import sglang_registration
 class Client:
     def heartbeat(self, registration): pass
     def register(self, registration): pass
+    def deregister(self, dp, cp, tp, pp, *, rank_ip, rank_port, within):
+        print(f"left tp={tp} within {within:.0f}s", flush=True)
     def close(self): print("closed", flush=True)
 
 print("hooks after import:", len(registered), flush=True)
@@ -112,9 +114,10 @@ print("hooks after two starts:", len(registered), flush=True)
 """
 
 
-def test_keepers_still_running_are_stopped_at_exit_by_a_hook_registered_on_first_start() -> None:
+def test_keepers_still_running_leave_at_a_normal_exit_by_a_hook_registered_on_first_start() -> None:
     """Importing the module registers nothing; the first keeper started registers the exit
-    hook once, and at exit it stops every keeper still running (their clients close)."""
+    hook once, and at a normal exit every keeper still running stops, deregisters its cell
+    within the shutdown budget, and closes its client."""
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
         [sys.executable, "-c", EXIT_PROBE], capture_output=True, text=True, timeout=60, cwd=root
@@ -123,6 +126,18 @@ def test_keepers_still_running_are_stopped_at_exit_by_a_hook_registered_on_first
     assert done.stdout.splitlines() == [
         "hooks after import: 0",
         "hooks after two starts: 1",
+        "left tp=0 within 2s",
         "closed",
+        "left tp=1 within 2s",
         "closed",
     ]
+
+
+def test_a_crash_that_ends_the_interpreter_leaves_the_cells_to_their_leases() -> None:
+    root = Path(__file__).resolve().parents[1]
+    probe = EXIT_PROBE + "\nraise RuntimeError('the engine crashed')\n"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=root
+    )
+    assert done.returncode == 1
+    assert done.stdout.splitlines()[2:] == ["closed", "closed"]

@@ -28,6 +28,8 @@ BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/query_dp_ranks"): {"bootstrap_rooms": [7]},
     ("POST", "/heartbeat"): {"dp": 0, "cp": 0, "tp": 0, "pp": 0, "rank_ip": "10.0.0.1",
                              "rank_port": 41000},
+    ("POST", "/deregister"): {"dp": 0, "cp": 0, "tp": 0, "pp": 0, "rank_ip": "10.0.0.1",
+                              "rank_port": 41000},
 }  # fmt: skip
 ids = [f"{route.method} {route.path}" for route in TABLE]
 
@@ -42,6 +44,12 @@ def test_access_is_a_required_field_of_every_route() -> None:
 def test_every_route_that_is_not_a_read_by_method_needs_the_token(route: Route) -> None:
     if route.method not in ("GET", "HEAD") and (route.method, route.path) not in READS_BY_POST:
         assert route.access == "write"
+
+
+def test_a_route_that_streams_is_never_hot() -> None:
+    """The lean door writes one answer from the parser's callbacks; a stream needs the ASGI
+    doors, which run it as a loop of ``more_body`` sends."""
+    assert [route.path for route in TABLE if route.stream is not None and route.hot] == []
 
 
 def test_each_method_and_path_is_declared_once() -> None:
@@ -72,8 +80,8 @@ async def _ask(client: httpx.AsyncClient, route: Route) -> httpx.Response:
 
 @pytest.mark.parametrize("route", TABLE, ids=ids)
 async def test_each_door_answers_each_declared_route_alike(route: Route) -> None:
-    """The lean door and FastAPI's routes answer the same bytes (the instance id aside, new per
-    server; and the metrics, which time the requests)."""
+    """The lean door and FastAPI's routes answer the same bytes (the instance id and the feed's
+    stream aside, new per server; and the metrics, which time the requests)."""
     answers = []
     for fast_path in (True, False):
         app = create_app(
@@ -85,7 +93,8 @@ async def test_each_door_answers_each_declared_route_alike(route: Route) -> None
         app.registry.close()
         assert response.status_code < 500, response.text
         instance = response.headers["x-sglang-disaggregation-instance-id"].encode()
-        body = response.content.replace(instance, b"<instance>")
+        stream = app.registry.events.stream.encode()  # the change feed's run id, new per server
+        body = response.content.replace(instance, b"<instance>").replace(stream, b"<stream>")
         answers.append(
             (
                 response.status_code,

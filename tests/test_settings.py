@@ -46,7 +46,15 @@ def test_settings_are_frozen() -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("port", 70000), ("room_capacity", 0), ("room_ttl_seconds", 0)]
+    ("field", "value"),
+    [
+        ("port", 70000),
+        ("room_capacity", 0),
+        ("room_ttl_seconds", 0),
+        ("event_history", 8),
+        ("keepalive_seconds", 31),  # a watch client would take the silence for a dead stream
+        ("watcher_buffer_bytes", 100),
+    ],
 )
 def test_out_of_range_settings_are_refused(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):

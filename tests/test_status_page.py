@@ -1,5 +1,6 @@
 """The status page in a real headless Chromium: missing cells shown as missing, the grid updates
-in place when the table completes (no reload), and a screenshot is kept as an artifact."""
+in place when the table completes (no reload) because it watches the event stream ("live"), the
+recent events are listed, and a screenshot is kept as an artifact."""
 
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ playwright = pytest.importorskip("playwright.sync_api")
 SIZES = {"attn_dp_size": 2, "attn_tp_size": 4, "pp_size": 2}
 
 
-def register(url: str, dp: int, tp: int, pp: int) -> None:
+def register(url: str, dp: int, tp: int, pp: int, port: int | None = None) -> None:
     body = sglang_registration(
         **SIZES, attn_dp_rank=dp, attn_tp_rank=tp, pp_rank=pp,
-        rank_ip=f"10.0.{dp}.{tp}", rank_port=41000 + pp,
+        rank_ip=f"10.0.{dp}.{tp}", rank_port=port or 41000 + pp,
     )  # fmt: skip
     httpx.put(f"{url}/route", json=body, timeout=10).raise_for_status()
 
@@ -53,6 +54,7 @@ def test_the_page_shows_missing_cells_then_updates_without_reload(
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.goto(f"{server.url}/", wait_until="load")
         page.wait_for_selector("#status[data-state='incomplete']", timeout=20_000)
+        page.wait_for_selector("#mode[data-mode='live']", timeout=20_000)
         assert page.locator("#grid .cell.missing").count() == 6
         assert page.locator("#grid .cell.ok").count() == 10
         assert page.locator("#counts").inner_text().startswith("10 / 16")
@@ -68,6 +70,18 @@ def test_the_page_shows_missing_cells_then_updates_without_reload(
         assert page.evaluate("window.__sameDocument") is True, "the page reloaded"
         assert page.locator("#grid .cell.missing").count() == 0
         assert page.locator("#grid .cell.ok").count() == 16
+        page.wait_for_selector("#event-list li.complete", timeout=20_000)
+        assert page.locator("#event-list li").first.locator(".kind").inner_text() == "complete"
+        assert page.locator("#event-list li.registered").count() == 6
+
+        register(server.url, 1, 3, 1, port=42001)  # the rank restarted on another port
+        page.wait_for_selector("#event-list li.moved", timeout=20_000)
+        moved = page.locator("#event-list li.moved")
+        assert moved.locator(".cell").inner_text() == "(dp=1, cp=0, tp=3, pp=1)"
+        assert moved.locator(".addresses").inner_text() == "10.0.1.3:41001 -> 10.0.1.3:42001"
+        assert moved.locator(".version").inner_text() == "v2"
+        page.wait_for_selector("[data-cell='1,0,3,1'].warn", timeout=20_000)
+        assert page.locator("#mode").inner_text() == "live"
         page.screenshot(path=str(ARTIFACTS / "status-page-complete.png"), full_page=True)
         browser.close()
 

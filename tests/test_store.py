@@ -70,6 +70,21 @@ def test_the_instance_id_is_stable_across_loads(store: StateStore) -> None:
     assert store.load().instance_id == store.load().instance_id
 
 
+def test_moves_and_removals_are_counted_with_the_change_and_a_reset_clears_the_count(
+    store: StateStore,
+) -> None:
+    table = filled_table()  # one replacement (tp 0 moved to 45000)
+    persist(store, table)
+    assert store.load().address_changes == 1
+    [record] = [r for r in table.records() if r.cell.tp == 1]
+    store.write([table.remove(record.cell, record.address, now=40.0)])
+    state = store.load()
+    assert state.address_changes == 2
+    assert [r.cell.tp for r in state.snapshot.cells] == [0]
+    store.write([new_instance_id()])
+    assert store.load().address_changes == 0
+
+
 def test_a_reset_forgets_everything_and_takes_the_new_instance_id(store: StateStore) -> None:
     persist(store, filled_table())
     fresh = new_instance_id()
