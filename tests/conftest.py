@@ -95,6 +95,18 @@ async def api(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClient
     app.registry.close()
 
 
+def two_cell_rank(tp: int, port: int | None = None, **overrides: Any) -> dict[str, Any]:
+    """Cell (0, 0, tp, 0) of ``sglang_registration``'s two-cell group, at 10.0.0.1:<port>
+    (41000 + tp unless given): the group the change-feed tests move cells of."""
+    return sglang_registration(attn_tp_rank=tp, rank_port=port or 41000 + tp, **overrides)
+
+
+def cell_body(tp: int, port: int | None = None) -> dict[str, Any]:
+    """The heartbeat's and the deregistration's body naming ``two_cell_rank``'s cell."""
+    return {"dp": 0, "cp": 0, "tp": tp, "pp": 0, "rank_ip": "10.0.0.1",
+            "rank_port": port or 41000 + tp}  # fmt: skip
+
+
 class FakeClock:
     """Unix seconds that only move when a test says so."""
 

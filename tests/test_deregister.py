@@ -20,25 +20,12 @@ from prefill_bootstrap.service.store import MemoryStore, SqliteStore
 from prefill_bootstrap.service.table import PortTable
 from prefill_bootstrap.shared.errors import AddressMismatch, NothingToDeregister
 from prefill_bootstrap.shared.protocol import INSTANCE_HEADER, Cell, RankAddress, RankRegistration
-from tests.conftest import FakeClock, asgi_client, sglang_registration
-from tests.test_table_events import SteppedStore
+from tests.conftest import FakeClock, asgi_client
+from tests.conftest import cell_body as leaving
+from tests.conftest import two_cell_rank as rank
+from tests.stepped_store import SteppedStore
 
 pytestmark = pytest.mark.anyio
-
-
-def rank(tp: int, port: int | None = None, **overrides: Any) -> dict[str, Any]:
-    return sglang_registration(attn_tp_rank=tp, rank_port=port or 41000 + tp, **overrides)
-
-
-def leaving(tp: int, port: int | None = None) -> dict[str, Any]:
-    return {
-        "dp": 0,
-        "cp": 0,
-        "tp": tp,
-        "pp": 0,
-        "rank_ip": "10.0.0.1",
-        "rank_port": port or 41000 + tp,
-    }
 
 
 async def fill(client: httpx.AsyncClient, **overrides: Any) -> None:

@@ -16,13 +16,10 @@ import pytest
 from prefill_bootstrap.service import ServerSettings, create_app
 from prefill_bootstrap.service.store import SqliteStore
 from prefill_bootstrap.shared.protocol import INSTANCE_HEADER
-from tests.conftest import asgi_client, cell_query, sglang_registration
+from tests.conftest import asgi_client, cell_query
+from tests.conftest import two_cell_rank as rank
 
 pytestmark = pytest.mark.anyio
-
-
-def rank(tp: int, port: int | None = None) -> dict[str, Any]:
-    return sglang_registration(attn_tp_rank=tp, rank_port=port or 41000 + tp)
 
 
 async def header(client: httpx.AsyncClient) -> str:

@@ -8,29 +8,13 @@ the server had served after the reset.
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Sequence
 
 import httpx
 import pytest
 
 from prefill_bootstrap.service import ServerSettings, create_app
-from prefill_bootstrap.service.store import Change, MemoryStore
 from tests.conftest import sglang_registration
-
-
-class SteppedStore(MemoryStore):
-    """Each write waits for a permit of its own: the test lets them finish one at a time."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.permits = threading.Semaphore(0)
-        self.started = 0
-
-    def write(self, changes: Sequence[Change]) -> None:
-        self.started += 1
-        self.permits.acquire(timeout=30)
-        super().write(changes)
+from tests.stepped_store import SteppedStore
 
 
 @pytest.mark.anyio

@@ -9,7 +9,6 @@ nothing (a same-address re-registration, an ordinary heartbeat) or that never re
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,25 +19,12 @@ from prefill_bootstrap.service import ServerSettings, create_app
 from prefill_bootstrap.service.store import Change, MemoryStore
 from prefill_bootstrap.shared.errors import StateStoreError
 from prefill_bootstrap.shared.events import TableEvent
-from tests.conftest import FakeClock, asgi_client, sglang_registration
+from tests.conftest import FakeClock, asgi_client
+from tests.conftest import cell_body as beat
+from tests.conftest import two_cell_rank as rank
+from tests.stepped_store import SteppedStore
 
 pytestmark = pytest.mark.anyio
-
-
-def rank(tp: int, port: int | None = None, **overrides: Any) -> dict[str, Any]:
-    """Cell (0, 0, tp, 0) of a two-cell group, at 10.0.0.1:<port>."""
-    return sglang_registration(attn_tp_rank=tp, rank_port=port or 41000 + tp, **overrides)
-
-
-def beat(tp: int, port: int | None = None) -> dict[str, Any]:
-    return {
-        "dp": 0,
-        "cp": 0,
-        "tp": tp,
-        "pp": 0,
-        "rank_ip": "10.0.0.1",
-        "rank_port": port or 41000 + tp,
-    }
 
 
 def events(app: Any) -> list[TableEvent]:
@@ -180,20 +166,6 @@ async def test_a_change_that_could_not_be_made_durable_publishes_nothing() -> No
         assert (await client.post("/deregister", json=beat(0))).status_code == 503
     app.registry.close()
     assert app.registry.events.latest == before
-
-
-class SteppedStore(MemoryStore):
-    """Each write waits for a permit: the test lets them finish when it chooses."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.permits = threading.Semaphore(0)
-        self.started = 0
-
-    def write(self, changes: Sequence[Change]) -> None:
-        self.started += 1
-        self.permits.acquire(timeout=30)
-        super().write(changes)
 
 
 async def test_a_registration_swallowed_by_a_reset_publishes_nothing_of_its_own() -> None:
