@@ -28,7 +28,12 @@ from prefill_bootstrap.service.store import (
 )
 from prefill_bootstrap.service.table import Outcome, PortTable, Registered, Removal, Topology
 from prefill_bootstrap.service.table_events import Draft
-from prefill_bootstrap.shared.errors import StateStoreError, TopologyConflict, format_cell
+from prefill_bootstrap.shared.errors import (
+    StateStoreError,
+    TopologyConflict,
+    format_address,
+    format_cell,
+)
 from prefill_bootstrap.shared.protocol import Cell, Heartbeat, RankRegistration, incarnation_of
 
 __all__ = ["PortGroup"]
@@ -36,10 +41,6 @@ __all__ = ["PortGroup"]
 log = logging.getLogger(__name__)
 
 Subscriber = Callable[[], None]
-
-
-def _address(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def _check_cell_cap(topology: Topology | None, cap: int, store: StateStore) -> None:
@@ -148,7 +149,7 @@ class PortGroup:
             self.metrics.registrations["conflict"] += 1
             log.warning(
                 "Refused rank %s for cell %s: %s",
-                _address(registration.rank_ip, registration.rank_port),
+                format_address(registration.rank_ip, registration.rank_port),
                 format_cell(registration.cell),
                 conflict,
             )
@@ -177,7 +178,7 @@ class PortGroup:
             log.info(
                 "Cell %s at %s was registered just before a reset, which removed it again.",
                 format_cell(registration.cell),
-                _address(registration.rank_ip, registration.rank_port),
+                format_address(registration.rank_ip, registration.rank_port),
             )
             return done
         if done.outcome is Outcome.REPLACED:
@@ -204,7 +205,7 @@ class PortGroup:
             log.info(
                 "Cell %s at %s is live again after its lease had expired.",
                 format_cell(heartbeat.cell),
-                _address(heartbeat.rank_ip, heartbeat.rank_port),
+                format_address(heartbeat.rank_ip, heartbeat.rank_port),
             )
             self._tell(self._changed)
         return expires_at
@@ -218,7 +219,7 @@ class PortGroup:
                 "Lease of cell %s at %s expired: no heartbeat for %.1fs; the cell counts as "
                 "missing until the rank renews or registers again.",
                 format_cell(cell),
-                _address(record.address.rank_ip, record.address.rank_port),
+                format_address(record.address.rank_ip, record.address.rank_port),
                 record.lease_seconds or 0.0,
             )
         if expired:
@@ -286,7 +287,7 @@ class PortGroup:
         log.warning(
             "Cell %s at %s deregistered (%s/%s cells); incarnation now %s.",
             format_cell(removal.cell),
-            _address(removal.address.rank_ip, removal.address.rank_port),
+            format_address(removal.address.rank_ip, removal.address.rank_port),
             table.registered_count,
             table.expected_count,
             self.incarnation,
@@ -321,7 +322,7 @@ class PortGroup:
 
     def _log_registration(self, done: Registered) -> None:
         record, table = done.record, self.table
-        where = _address(record.address.rank_ip, record.address.rank_port)
+        where = format_address(record.address.rank_ip, record.address.rank_port)
         progress = f"{table.registered_count}/{table.expected_count} cells"
         if done.outcome is Outcome.NEW:
             log.info(
@@ -335,7 +336,7 @@ class PortGroup:
             log.warning(
                 "Cell %s moved %s -> %s (address version %d, %s).",
                 format_cell(record.cell),
-                _address(done.previous.rank_ip, done.previous.rank_port),
+                format_address(done.previous.rank_ip, done.previous.rank_port),
                 where,
                 record.address_version,
                 progress,
