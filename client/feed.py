@@ -263,7 +263,7 @@ class Feed:
             if transient is None:
                 where = self.core.base_url
                 raise ConfigurationError(f"the watch of {where} failed: {exc}") from exc
-            cause = transient.cause
+            cause = f"the stream was cut: {exc}"  # it had been answered: not the generic text
         else:
             cause = "the server ended the stream"
         self._quiet = 0 if self._delivered else self._quiet + 1

@@ -50,7 +50,9 @@ def test_events_arrive_typed_in_order_over_an_authenticated_event_stream() -> No
     assert "last-event-id" not in first.headers  # since=None: from now
 
 
-def test_a_broken_connection_resumes_from_the_last_event_without_gap_or_duplicate() -> None:
+def test_a_broken_connection_resumes_from_the_last_event_without_gap_or_duplicate(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     server = FeedServer(
         [
             Answer(body=sse("s1", event(1), event(2)), then_break=True),
@@ -60,6 +62,7 @@ def test_a_broken_connection_resumes_from_the_last_event_without_gap_or_duplicat
     assert seqs(watch(server, 3)) == [1, 2, 3]
     assert server.resumed_from == [None, "s1:2"]
     assert server.requests[1].url.params["since"] == "s1:2"
+    assert "(the stream was cut: connection reset by peer); resuming from s1:2" in caplog.text
 
 
 def test_a_stream_the_server_ends_is_resumed_too() -> None:
