@@ -286,6 +286,8 @@ class SqliteStore(StateStore):
                 ).fetchall()
                 history[kind] = [orjson.loads(row["body"]) for row in reversed(rows)]
             address_changes = int(meta.get("address_changes", 0))
+            if address_changes < 0:
+                raise ValueError(f"address_changes is {address_changes}, a count below 0")
         except (sqlite3.Error, orjson.JSONDecodeError, TypeError, KeyError, ValueError) as exc:
             raise StateStoreError(
                 f"the state database {self.path} is unreadable ({exc}); {RESET_REMEDY}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from prefill_bootstrap.service.store import (
+    DATABASE_NAME,
     GroupCommitWriter,
     MemoryStore,
     SqliteStore,
@@ -83,6 +85,17 @@ def test_moves_and_removals_are_counted_with_the_change_and_a_reset_clears_the_c
     assert [r.cell.tp for r in state.snapshot.cells] == [0]
     store.write([new_instance_id()])
     assert store.load().address_changes == 0
+
+
+@pytest.mark.parametrize("recorded", ["abc", "-1", "1.5"])
+def test_a_corrupt_count_of_address_changes_is_unreadable_state_not_a_made_up_incarnation(
+    tmp_path: Path, recorded: str
+) -> None:
+    SqliteStore(tmp_path).close()
+    with sqlite3.connect(tmp_path / DATABASE_NAME) as db:
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('address_changes', ?)", (recorded,))
+    with pytest.raises(StateStoreError, match="is unreadable"):
+        SqliteStore(tmp_path).load()
 
 
 def test_a_reset_forgets_everything_and_takes_the_new_instance_id(store: StateStore) -> None:
