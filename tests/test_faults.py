@@ -24,6 +24,7 @@ from prefill_bootstrap.service import ServerSettings, create_app
 from prefill_bootstrap.service.store import Change, MemoryStore
 from tests.conftest import (
     ServerProcess,
+    cell_body,
     cell_query,
     free_port,
     info_query,
@@ -91,6 +92,29 @@ async def test_a_reset_answered_503_changes_nothing_served(
     assert (await client.get("/prefill_port_table")).json() == before
     assert (await client.get("/ready")).status_code == 200
     assert (await client.get("/route", params=cell_query(0, 0, 1, 0))).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_a_deregistration_answered_503_leaves_the_cell_served_and_the_incarnation_alone(
+    fillable: tuple[httpx.AsyncClient, FillableStore],
+) -> None:
+    client, store = fillable
+    for tp in (0, 1):
+        assert (await client.put("/route", json=pair(tp))).status_code == 200
+    before = (await client.get("/prefill_port_table")).json()
+    store.full = True
+    leaving = cell_body(1)
+    refused = await client.post("/deregister", json=leaving)
+    assert refused.status_code == 503 and refused.json()["error"] == "state_not_durable"
+    assert (await client.get("/prefill_port_table")).json() == before
+    assert (await client.get("/ready")).status_code == 200
+    lookup = await client.get("/route", params=cell_query(0, 0, 1, 0))
+    assert lookup.status_code == 200
+    assert lookup.headers["x-sglang-disaggregation-instance-id"] == before["incarnation"]
+    assert [record.cell.tp for record in store.load().snapshot.cells] == [0, 1]
+    store.full = False
+    assert (await client.post("/deregister", json=leaving)).status_code == 200
+    assert (await client.get("/ready")).status_code == 503
 
 
 @pytest.mark.anyio
