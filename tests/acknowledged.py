@@ -15,7 +15,8 @@ value that no order can.
 
 Resets (``DELETE /prefill_port_table``) start a new instance: the served ``instance_id`` tells
 which reset took effect last, and every registration that finished before that reset was sent
-must be gone.
+must be gone. An acknowledged deregistration (``POST /deregister``) does the same for its one
+cell: a registration that finished before it was sent must not be served any more.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ summary (tests/conftest.py) so the README's figures come from a real run."""
 class Write:
     """One request that could change the table, with when it was sent and answered."""
 
-    kind: Literal["register", "reset"]
+    kind: Literal["register", "reset", "deregister"]
     sent: float
     cell: CellKey | None = None
     address: Address | None = None
@@ -91,11 +92,11 @@ class Write:
         return self.answered is not None and self.answered < other.sent
 
     def describe(self) -> str:
-        what = (
-            f"PUT /route {_cell(self.cell)} -> {_address(self.address)}"
-            if self.kind == "register"
-            else "DELETE /prefill_port_table"
-        )
+        what = {
+            "register": f"PUT /route {_cell(self.cell)} -> {_address(self.address)}",
+            "deregister": f"POST /deregister {_cell(self.cell)} at {_address(self.address)}",
+            "reset": "DELETE /prefill_port_table",
+        }[self.kind]
         if self.unknown:
             return f"{what} (sent at {self.sent:.4f}, never answered)"
         return f"{what} (sent at {self.sent:.4f}, answered {self.status} at {self.answered:.4f})"
@@ -118,6 +119,12 @@ class History:
         self.writes.append(write)
         return write
 
+    def deregister(self, cell: CellKey, address: Address) -> Write:
+        """Record a deregistration about to be sent."""
+        write = Write("deregister", time.monotonic(), cell=cell, address=address)
+        self.writes.append(write)
+        return write
+
     def reset(self) -> Write:
         """Record a reset about to be sent."""
         write = Write("reset", time.monotonic())
@@ -133,6 +140,12 @@ class History:
 
     def registrations(self, cell: CellKey) -> list[Write]:
         return [w for w in self.writes if w.kind == "register" and w.cell == cell]
+
+    def deregistrations(self, cell: CellKey) -> list[Write]:
+        """The cell's deregistrations that may have taken effect (a refused one changed nothing)."""
+        return [
+            w for w in self.writes if w.kind == "deregister" and w.cell == cell and not w.refused
+        ]
 
     @property
     def resets(self) -> list[Write]:
@@ -236,11 +249,14 @@ def _cell_problem(
     """Why serving ``served`` (None: nothing) for ``cell`` is impossible after ``last_reset``,
     or None when some order of the overlapping writes explains it."""
     sent = [w for w in history.registrations(cell) if not w.refused]
-    survivors = [w for w in sent if not w.precedes(last_reset)]
+    deregistrations = history.deregistrations(cell)
+    left = [d for d in deregistrations if d.acknowledged and not d.precedes(last_reset)]
+    after_reset = [w for w in sent if not w.precedes(last_reset)]
+    survivors = [w for w in after_reset if not any(w.precedes(d) for d in left)]
     acknowledged = [w for w in survivors if w.acknowledged]
     if served is None:
         required = [w for w in acknowledged if last_reset.precedes(w)]
-        if required:
+        if required and not any(d.unknown for d in deregistrations):
             return (
                 f"cell {_cell(cell)} is not served, but its registration was acknowledged after "
                 f"the last reset: {required[-1].describe()} (an acknowledged write was lost)"
@@ -257,6 +273,11 @@ def _cell_problem(
     if served not in {w.address for w in sent}:
         return f"{where}, an address never sent for it"
     replaced = [w for w in survivors if w.address == served]
+    if not replaced and any(w.address == served for w in after_reset):
+        return (
+            f"{where}, but a deregistration of it was acknowledged: {left[-1].describe()} (an "
+            "acknowledged write was lost)"
+        )
     if not replaced:
         return f"{where}, which only registrations finished before the last reset carried"
     newer = [d for d in acknowledged if replaced[-1].precedes(d) and d.address != served]

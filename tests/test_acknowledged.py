@@ -36,6 +36,17 @@ def reset(sent: float, answered: float | None, instance_id: str | None = None) -
     )
 
 
+def deregister(cell: CellKey, address: Address, sent: float, answered: float | None) -> Write:
+    return Write(
+        "deregister",
+        sent,
+        cell=cell,
+        address=address,
+        answered=answered,
+        status=200 if answered is not None else None,
+    )
+
+
 def history(*writes: Write) -> History:
     return History("first", list(writes))
 
@@ -134,3 +145,24 @@ def violations_of(
     writes: History, cells: dict[CellKey, Address], instance: str = "first"
 ) -> list[str]:
     return violations(writes, Served(instance, cells))
+
+
+def test_a_cell_served_after_its_acknowledged_deregistration_is_named() -> None:
+    writes = history(register(A, OLD, 1, 2), deregister(A, OLD, 3, 4))
+    assert violations_of(writes, {}) == []
+    [found] = violations_of(writes, {A: OLD})
+    assert "a deregistration of it was acknowledged" in found
+    assert "POST /deregister (dp=0, cp=0, tp=0, pp=0) at 10.0.0.1:41000" in found
+
+
+def test_a_registration_acknowledged_after_the_deregistration_must_be_served() -> None:
+    writes = history(register(A, OLD, 1, 2), deregister(A, OLD, 3, 4), register(A, NEW, 5, 6))
+    assert violations_of(writes, {A: NEW}) == []
+    [found] = violations_of(writes, {})
+    assert "acknowledged write was lost" in found
+
+
+def test_a_deregistration_with_no_answer_may_or_may_not_have_taken_the_cell_out() -> None:
+    writes = history(register(A, OLD, 1, 2), deregister(A, OLD, 3, None))
+    assert violations_of(writes, {A: OLD}) == []
+    assert violations_of(writes, {}) == []

@@ -112,6 +112,8 @@ class ServedEqualsAcknowledged(RuleBasedStateMachine):
         super().__init__()
         self.client = httpx.Client(base_url=self.server.url, timeout=30)
         self.model: dict[CellKey, Held] = {}
+        self.address_changes = 0
+        """Moves and departures since the last reset: what the incarnation counts."""
         self.instance_id = ""
         self.history = History("")
 
@@ -127,6 +129,13 @@ class ServedEqualsAcknowledged(RuleBasedStateMachine):
         self.client.close()
 
     # -- the model -----------------------------------------------------------------------------
+
+    def take(self, cell: CellKey, held: Held) -> None:
+        """An acknowledged registration into the model; a move counts as an address change."""
+        before = self.model.get(cell)
+        if before is not None and before.address != held.address:
+            self.address_changes += 1
+        self.model[cell] = held
 
     def after_registering(self, cell: CellKey, where: Address, lease: float | None) -> Held:
         """The cell as an acknowledged registration leaves it: address version 1 when new, +1 when
@@ -151,7 +160,7 @@ class ServedEqualsAcknowledged(RuleBasedStateMachine):
         response = self.client.put("/route", content=registration(cell, where, lease))
         History.answer(write, response.status_code)
         assert response.status_code == 200, response.text
-        self.model[cell] = self.after_registering(cell, where, lease)
+        self.take(cell, self.after_registering(cell, where, lease))
 
     @rule()
     def reset(self) -> None:
@@ -162,6 +171,25 @@ class ServedEqualsAcknowledged(RuleBasedStateMachine):
         assert response.status_code == 200, response.text
         self.instance_id = response.json()["instance_id"]
         self.model.clear()
+        self.address_changes = 0
+
+    @rule(cell=st.sampled_from(CELLS), where=st.sampled_from(ADDRESSES))
+    def deregister(self, cell: CellKey, where: Address) -> None:
+        """Only the rank holding the cell may take it out; that is durable and an address
+        change (a decode's cached address for the cell is stale)."""
+        figures["machine_steps"] += 1
+        write = self.history.deregister(cell, where)
+        response = self.client.post("/deregister", json=heartbeat_body(cell, where))
+        History.answer(write, response.status_code)
+        held = self.model.get(cell)
+        if held is None:
+            assert response.status_code == 404, response.text
+        elif held.address != where:
+            assert response.status_code == 409, response.text
+        else:
+            assert response.status_code == 200, response.text
+            del self.model[cell]
+            self.address_changes += 1
 
     @rule(cell=st.sampled_from(CELLS), where=st.sampled_from(ADDRESSES))
     def heartbeat(self, cell: CellKey, where: Address) -> None:
@@ -241,7 +269,7 @@ class ServedEqualsAcknowledged(RuleBasedStateMachine):
         shown = self.held(self.report()).get(cell)
         if shown == applied:
             History.answer(write, 200)
-            self.model[cell] = applied
+            self.take(cell, applied)
             figures["machine_in_flight_applied"] += 1
         else:
             assert shown == self.model.get(cell), (shown, applied, self.model.get(cell))
@@ -272,6 +300,10 @@ class ServedEqualsAcknowledged(RuleBasedStateMachine):
         found = violations(self.history, Served.from_report(report))
         assert found == [], "\n".join(found)
         assert report["instance_id"] == self.instance_id
+        changes = self.address_changes
+        assert report["incarnation"] == (
+            self.instance_id if changes == 0 else f"{self.instance_id}.{changes}"
+        )
         assert self.held(report) == self.model
         assert (report["topology"] is None) == (not self.model)
         complete = len(self.model) == len(CELLS)
