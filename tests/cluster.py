@@ -34,7 +34,10 @@ class Cluster:
     ranks_per_host: int = 2
     rank_hosts: int = 3
     server_port: int = field(default_factory=lambda: random.randrange(20000, 30000))
-    master_port: int = field(default_factory=lambda: random.randrange(30000, 40000))
+    master_port: int = field(default_factory=lambda: random.randrange(30000, 32768))
+    """Below Linux's ephemeral range (32768-60999): a port in it can already be the local end of
+    a rank's outgoing connection in the leader's namespace, and the rendezvous fails with
+    EADDRINUSE."""
     local_ports: list[int] = field(default_factory=list)
     server: Any = None
 

@@ -82,6 +82,9 @@ RETRY_LINE = re.compile(
 )
 """The line the client logs for every failed attempt it is about to retry (client/core.py)."""
 LINK_FAILURES = ("timed out", "the server closed the connection", "connection reset")
+RETRIED_ACTIONS = ("register cell", "read the port table", "ask whether the port table is complete")
+"""What a worker rank may retry on a lossy link: its registration and its wait for the table
+(``GET /ready?wait=``, and the table read at the wait's deadline)."""
 """How a lossy link's failures read in that line: the answer did not come in time, or the relay
 gave up on the path and hung up."""
 
@@ -173,7 +176,7 @@ def test_a_lossy_slow_link_delays_the_workers_ranks_but_each_registers_once_afte
     for matches in seen.values():
         for match in matches:
             assert match["url"].startswith(f"http://127.0.0.1:{cluster.server_port}/")
-            assert match["action"].startswith(("register cell", "read the port table"))
+            assert match["action"].startswith(RETRIED_ACTIONS), match.string
             assert match["cause"].startswith(LINK_FAILURES), match.string
     table = assert_each_cell_registered_once_at_its_own_address(cluster)
     # An attempt the rank gave up on may still have reached the server: it registered the same
